@@ -1,0 +1,223 @@
+"""sentence-transformers side: build a BitNet embedder from a backbone, save it for stock loaders, load any format.
+
+* :func:`build_sentence_transformer` - backbone name/path -> ``SentenceTransformer`` (Transformer + Pooling
+  + Normalize, all stock sentence-transformers modules) with BitLinear projections (latent, trainable).
+* :func:`save_pretrained` - pack and save: the folder loads with stock ``SentenceTransformer(path)``
+  (stock transformers ``bitnet`` format) or ``SentenceTransformer(path, trust_remote_code=True)`` (st_bitnet's
+  ``bitembed`` class, whose code ships in the folder).
+* :func:`load` - a saved st_bitnet folder / Hub repo, or Microsoft's bitnet-embedding format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import BitNetConversionConfig
+from .convert import convert, pack
+
+DECODER_POOLING = "lasttoken"
+ENCODER_POOLING = "mean"
+
+
+def is_decoder_config(config) -> bool:
+    """Decoder-style backbones (Qwen, Llama, Gemma...) pool the last token; encoders (BERT...) pool the mean."""
+    if getattr(config, "is_decoder", False):
+        return True
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs:
+        return True
+    return hasattr(config, "rope_theta") or hasattr(config, "rope_parameters") or getattr(config, "model_type", "") in (
+        "qwen3", "qwen2", "llama", "gemma3_text", "gemma2", "gemma", "mistral", "phi3",
+    )
+
+
+def _ensure_eos_appended(tokenizer) -> None:
+    """Last-token pooling reads the EOS position: make the tokenizer append EOS where it can."""
+    if tokenizer is None or getattr(tokenizer, "eos_token", None) is None:
+        return
+    if hasattr(tokenizer, "add_eos_token"):
+        try:
+            tokenizer.add_eos_token = True
+        except Exception:  # some tokenizers expose it read-only
+            pass
+
+
+def build_sentence_transformer(
+    model_name_or_path: str,
+    config: BitNetConversionConfig | None = None,
+    *,
+    pooling: str | None = None,
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    prompts: dict[str, str] | None = None,
+    convert_model: bool = True,
+    gguf_file: str | None = None,
+    model_kwargs: dict | None = None,
+    device: str | None = None,
+):
+    """A SentenceTransformer around ``model_name_or_path`` with its projections converted to BitLinear.
+
+    Args:
+        model_name_or_path: Hub id or folder of a transformers backbone (``"Qwen/Qwen3-0.6B"``...).
+        config: conversion settings (default :class:`BitNetConversionConfig`).
+        pooling: sentence-transformers pooling mode; default ``"lasttoken"`` for decoders, ``"mean"`` for encoders.
+        normalize: append ``Normalize`` (L2) - the default for cosine-similarity embedders.
+        max_seq_length: truncation length.
+        prompts: sentence-transformers prompts, e.g. ``{"query": "Instruct: ...\\nQuery: "}``.
+        convert_model: ``False`` builds the full-precision embedder (a teacher) from the same backbone.
+        gguf_file: load the backbone from this GGUF file inside ``model_name_or_path`` (transformers dequantizes it).
+        model_kwargs: extra ``from_pretrained`` arguments for the backbone.
+        device: where to put the model.
+
+    Example::
+
+        import st_bitnet
+        model = st_bitnet.build_sentence_transformer("Qwen/Qwen3-0.6B")
+        model.encode(["BitNet embeddings are cheap to store."])
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    model_kwargs = dict(model_kwargs or {})
+    processor_kwargs: dict = {}
+    config_kwargs: dict = {}
+    if gguf_file is not None:
+        model_kwargs["gguf_file"] = gguf_file
+        processor_kwargs["gguf_file"] = gguf_file
+        config_kwargs["gguf_file"] = gguf_file
+    model_kwargs.setdefault("dtype", torch.float32)
+    transformer = Transformer(
+        model_name_or_path,
+        model_kwargs=model_kwargs,
+        processor_kwargs=processor_kwargs or None,
+        config_kwargs=config_kwargs or None,
+        max_seq_length=max_seq_length,
+    )
+    backbone_config = transformer.model.config
+    decoder = is_decoder_config(backbone_config)
+    pooling = pooling or (DECODER_POOLING if decoder else ENCODER_POOLING)
+    if pooling == "lasttoken":
+        _ensure_eos_appended(getattr(transformer, "tokenizer", None) or getattr(transformer, "processor", None))
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if normalize:
+        modules.append(Normalize())
+    st_model = SentenceTransformer(modules=modules, prompts=prompts, device=device)
+    if convert_model:
+        convert(st_model, config)
+    return st_model
+
+
+def transformers_models(st_model) -> list:
+    """The transformers models inside a SentenceTransformer."""
+    out = []
+    for module in st_model.modules():
+        inner = getattr(module, "model", None)
+        if inner is not None and hasattr(inner, "config") and hasattr(inner, "save_pretrained"):
+            out.append(inner)
+    return out
+
+
+def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = True, **card_kwargs) -> Path:
+    """Pack every BitLinear (in place) and save ``st_model`` to ``path`` for stock loaders.
+
+    Embeddings after packing are identical to before in float32. Returns the folder. With ``model_card``, a
+    README.md describing the conversion is written (st_bitnet.model_card, when available).
+    """
+    path = Path(path)
+    if not transformers_models(st_model):
+        raise ValueError("save_pretrained expects a SentenceTransformer with a transformers module")
+    pack(st_model)
+    st_model.save(str(path))
+    if model_card:
+        try:
+            from .model_card import write_model_card
+        except ImportError:
+            pass
+        else:
+            record = next(
+                (m.config.st_bitnet for m in transformers_models(st_model) if getattr(m.config, "st_bitnet", None)), None
+            )
+            write_model_card(path, conversion=record, **card_kwargs)
+    return path
+
+
+def needs_trust_remote_code(path: str | os.PathLike) -> bool:
+    """True when the saved folder uses st_bitnet's ``bitembed`` class (stock users need trust_remote_code=True)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.exists():
+        return False
+    return json.loads(config_path.read_text()).get("model_type") == "bitembed"
+
+
+def validate_packed_checkpoint(folder: str | os.PathLike) -> None:
+    """Check the packed projections of a saved st_bitnet folder against its architecture, with clear errors.
+
+    Catches truncated/corrupt safetensors and packed tensors of the wrong shape before transformers does
+    (whose messages do not say what is wrong with a packed weight).
+    """
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    weights = folder / "model.safetensors"
+    if not config_path.exists() or not weights.exists():
+        return
+    raw = json.loads(config_path.read_text())
+    record = raw.get("st_bitnet") or {}
+    if not record.get("packed"):
+        return
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    config = AutoConfig.from_pretrained(str(folder))
+    if raw.get("model_type") == "bitembed":
+        config, prefix = config.backbone_config(), "model."
+    else:
+        prefix = ""
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config)
+    with handle:
+        keys = set(handle.keys())
+        for name in record.get("converted_modules", []):
+            linear = skeleton.get_submodule(name)
+            key = prefix + name + ".weight"
+            if key not in keys:
+                raise ValueError(f"{weights} lacks the packed weight {key!r}")
+            tensor_slice = handle.get_slice(key)
+            shape, dtype = tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+            expected = ((linear.out_features + 3) // 4, linear.in_features)
+            if dtype != "U8" or shape != expected:
+                raise ValueError(
+                    f"{key} is {dtype} {shape}, but a packed {linear.in_features}->{linear.out_features} projection "
+                    f"must be U8 {expected} (4 ternary values per byte along the output dimension)"
+                )
+
+
+def load(model_name_or_path: str, *, device: str | None = None, revision: str | None = None, **st_kwargs):
+    """Load any BitNet embedder as a SentenceTransformer running on st_bitnet's kernels.
+
+    Accepts a folder or Hub repo saved by st_bitnet (stock ``bitnet`` format or ``bitembed``) and Microsoft's
+    bitnet-embedding format (plain ``qwen3`` / ``gemma3_text`` config, latent bf16 weights and
+    ``*_proj.norm.weight`` norms), which is quantized to W1.58A8 at load.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    local = Path(model_name_or_path)
+    if not local.exists():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(model_name_or_path, revision=revision))
+    from .microsoft import is_microsoft_format, load_microsoft_sentence_transformer
+
+    if is_microsoft_format(local):
+        return load_microsoft_sentence_transformer(local, device=device, **st_kwargs)
+    validate_packed_checkpoint(local)
+    # st_bitnet is imported here, so a ``bitembed`` folder resolves to the registered local class;
+    # trust_remote_code is not needed for it.
+    return SentenceTransformer(str(local), device=device, **st_kwargs)
