@@ -9,6 +9,7 @@ from .bitlinear import BitLinear, BitRMSNorm, pack_ternary, unpack_ternary, tern
 from .config import BitNetConversionConfig
 from .convert import convert, pack
 from .hf_integration import register as _register_with_transformers
+from .sentence_transformer import build_sentence_transformer, load, save_pretrained
 
 _register_with_transformers()
 
@@ -18,7 +19,10 @@ __all__ = [
     "BitLinear",
     "BitRMSNorm",
     "BitNetConversionConfig",
+    "build_sentence_transformer",
     "convert",
+    "load",
+    "save_pretrained",
     "pack",
     "pack_ternary",
     "unpack_ternary",
