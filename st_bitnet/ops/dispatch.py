@@ -1,0 +1,116 @@
+"""Routing packed BitLinear layers to ``st_bitnet::ternary_linear`` with a cached per-device layout.
+
+:func:`packed_linear` is what :func:`st_bitnet.bitlinear.set_packed_linear_impl` installs. At the first
+call on a device it converts the layer's on-disk weights once into the layout that device's kernel
+reads and keeps it in ``module._kernel_state`` (BitLinear drops that cache on ``.to()``; a changed
+weight tensor, e.g. after ``load_state_dict``, is detected too):
+
+* CPU: ``tile16`` (2-bit, same memory as on disk).
+* CUDA: ``int8`` (4x the disk size) for large batches, where int8 tensor cores win, and the on-disk
+  ``packed2`` for small batches, where reading 8x fewer weight bytes wins. Choose with
+  ``ST_BITNET_GPU_WEIGHTS=auto|int8|2bit`` (``auto`` keeps both; ``2bit`` saves memory).
+
+Switches: ``ST_BITNET_KERNEL=reference`` (environment) or :func:`set_kernel_mode` forces the
+pure-PyTorch reference everywhere (same numbers, slower).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..bitlinear import packed_linear_reference, unpack_ternary
+from .layouts import pack_tile16
+
+KERNEL_MODES = ("auto", "reference")
+GPU_WEIGHT_MODES = ("auto", "int8", "2bit")
+# CUDA: at or above this many tokens, use int8-resident weights (tensor-core bound); below, 2-bit.
+GPU_INT8_MIN_TOKENS = 64
+
+_mode: str | None = None
+
+
+def _env_mode() -> str:
+    mode = os.environ.get("ST_BITNET_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"ST_BITNET_KERNEL must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
+
+
+def set_kernel_mode(mode: str | None) -> None:
+    """``"auto"``: device kernels where usable; ``"reference"``: always the pure-PyTorch reference;
+    ``None``: back to ``$ST_BITNET_KERNEL`` (default ``auto``)."""
+    global _mode
+    if mode is not None and mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES} or None, got {mode!r}")
+    _mode = mode
+
+
+def kernel_mode() -> str:
+    return _mode or _env_mode()
+
+
+def kernels_enabled() -> bool:
+    return kernel_mode() == "auto"
+
+
+def gpu_weight_mode() -> str:
+    mode = os.environ.get("ST_BITNET_GPU_WEIGHTS", "auto").strip().lower() or "auto"
+    if mode not in GPU_WEIGHT_MODES:
+        raise ValueError(f"ST_BITNET_GPU_WEIGHTS must be one of {GPU_WEIGHT_MODES}, got {mode!r}")
+    return mode
+
+
+def _weight_key(module) -> tuple:
+    w = module.weight
+    try:
+        version = w._version
+    except RuntimeError:  # inference tensor: cannot change in place
+        version = -1
+    return (w.device, w.data_ptr(), version)
+
+
+def _build_state(module, device: torch.device) -> dict:
+    n = module.out_features
+    state = {"key": _weight_key(module)}
+    if device.type == "cpu":
+        state["cpu"] = pack_tile16(unpack_ternary(module.weight, n))
+    elif device.type == "cuda":
+        mode = gpu_weight_mode()
+        state["gpu_mode"] = mode
+        if mode in ("auto", "int8"):
+            state["int8"] = unpack_ternary(module.weight, n).contiguous()
+        if mode in ("auto", "2bit"):
+            unpack_ternary(module.weight, n)  # validates the 2-bit codes once
+            state["packed2"] = module.weight
+    return state
+
+
+def _kernel_state(module, device: torch.device):
+    state = module._kernel_state
+    if torch.compiler.is_compiling():
+        return state  # no cache bookkeeping while tracing; a state built eagerly before is reused
+    if state is None or state["key"] != _weight_key(module):
+        state = _build_state(module, device)
+        module._kernel_state = state
+    return state
+
+
+def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a packed BitLinear on ``x`` (already RMS-normalized) through the op."""
+    if not kernels_enabled() or x.device.type not in ("cpu", "cuda"):
+        return packed_linear_reference(module, x)
+    if x.device != module.weight.device:
+        raise ValueError(f"BitLinear: input is on {x.device} but the layer's weights are on {module.weight.device}")
+    op = torch.ops.st_bitnet.ternary_linear
+    n = module.out_features
+    state = _kernel_state(module, x.device)
+    if state is None:  # traced by torch.compile before any eager call: the op converts (and caches) itself
+        return op(x, module.weight, module.weight_scale, module.bias, n, "packed2")
+    if x.device.type == "cpu":
+        return op(x, state["cpu"], module.weight_scale, module.bias, n, "tile16")
+    tokens = x.numel() // x.shape[-1]
+    if "int8" in state and ("packed2" not in state or tokens >= GPU_INT8_MIN_TOKENS):
+        return op(x, state["int8"], module.weight_scale, module.bias, n, "int8")
+    return op(x, state["packed2"], module.weight_scale, module.bias, n, "packed2")

@@ -1,0 +1,485 @@
+/*
+ * st_bitnet CPU kernel: y = (int8 x) @ (ternary W)^T rescaled, bit-exact with
+ * st_bitnet.bitlinear.ternary_linear_reference.
+ *
+ * Plain C (no torch headers) so it builds in about a second with the system compiler; Python loads it
+ * through ctypes. One source, the instruction set is picked at compile time from the compiler's macros
+ * (built with -march=native, or forced with -mavx2 / -DST_FORCE_SCALAR):
+ *   AVX-512 VNNI  : vpdpbusd, 16 outputs per zmm, tile 32 outputs x 8 tokens.
+ *   AVX2          : vpmaddubsw accumulated in int16, widened every 32 steps, tile 16 outputs x 4 tokens.
+ *   NEON dotprod  : sdot by lane, tile 16 outputs x 4 tokens.
+ *   scalar        : portable C.
+ *
+ * Weight layout "tile16" (built once per layer, in Python: st_bitnet.ops.layouts.pack_tile16):
+ *   uint8 [ceil(N/16)][ceil(K/16)][64]. Row block b (outputs 16b..16b+15), K group g (k = 16g..16g+15):
+ *   byte o*4+kk holds, in bits 2s..2s+1, code = w + 1 in {0,1,2} of output 16b+o at k = 16g + 4s + kk.
+ *   So shifting the 64 bytes right by 2s and masking with 3 gives, for "K step" s, 16 outputs x 4
+ *   consecutive k: exactly the operand of one vpdpbusd (int32 lane o = output o), or of two
+ *   vpmaddubsw+vpmaddwd (AVX2, 8 outputs per ymm). Activations are broadcast 4 bytes at a time, so
+ *   SIMD lanes run over outputs and no horizontal reduction is ever needed.
+ *
+ * Because codes are w + 1 (unsigned, as vpmaddubsw / vpdpbusd need), the kernel computes
+ *   sum_k code * x = sum_k w * x + sum_k x   and subtracts sum_k x (computed while quantizing).
+ *
+ * Overflow bounds. x_q in [-128, 127] (clamp), code in {0, 1, 2} (code 3 is rejected in Python).
+ *   vpmaddubsw int16 lane = c0*x0 + c1*x1, |.| <= 2*2*128 = 512 (no saturation). AVX2 adds 32 of them
+ *   in int16 before widening: |.| <= 32*512 = 16384 < 32767. int32 totals: |.| <= 2*128*K, and Python
+ *   rejects K >= 2^22, so |.| < 2^31. The integer result is exact; (float)acc equals the reference's
+ *   float32 accumulator (exact below 2^24, same round-to-nearest-even above).
+ *
+ * Float arithmetic mirrors torch exactly (compile with -ffp-contract=off, never -ffast-math):
+ *   absmax = max|x| (exact), clamp at 1e-5f; x_scale = (1.0f / absmax) * 127.0f   (torch evaluates the
+ *   Python expression 127.0 / t as t.reciprocal() * 127); q = clamp(nearbyint(x * x_scale), -128, 127);
+ *   y = (float)acc / (weight_scale * x_scale) [+ bias]   (division, not a reciprocal multiply).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if !defined(ST_FORCE_SCALAR) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define ST_ISA_AVX512VNNI 1
+#define ST_ISA_NAME "avx512vnni"
+#define ST_TILE_T 8
+#include <immintrin.h>
+#elif !defined(ST_FORCE_SCALAR) && defined(__AVX2__)
+#define ST_ISA_AVX2 1
+#define ST_ISA_NAME "avx2"
+#define ST_TILE_T 4
+#include <immintrin.h>
+#elif !defined(ST_FORCE_SCALAR) && defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define ST_ISA_NEON_DOT 1
+#define ST_ISA_NAME "neon-dotprod"
+#define ST_TILE_T 4
+#include <arm_neon.h>
+#else
+#define ST_ISA_SCALAR 1
+#define ST_ISA_NAME "scalar"
+#define ST_TILE_T 4
+#endif
+
+#define ST_ALWAYS_INLINE static inline __attribute__((always_inline))
+#define ST_ABI_VERSION 1
+
+/* Work split for the threads: blocks of tokens x blocks of outputs. */
+#define ST_BLOCK_M 64
+#define ST_BLOCK_N 64
+
+const char *st_isa(void) { return ST_ISA_NAME; }
+int st_abi_version(void) { return ST_ABI_VERSION; }
+int st_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Activation quantization (one row): xq[0:Kp] (zero padded), x_scale, sum(xq).                       */
+/* ------------------------------------------------------------------------------------------------ */
+ST_ALWAYS_INLINE float row_scale(float amax) {
+    amax = amax < 1e-5f ? 1e-5f : amax;
+    float r = 1.0f / amax;
+    return r * 127.0f;
+}
+
+static void quantize_row_scalar(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+        float a = fabsf(x[k]);
+        amax = a > amax ? a : amax;
+    }
+    const float s = row_scale(amax);
+    int32_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        float v = nearbyintf(x[k] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = (int8_t)v;
+        sum += q[k];
+    }
+    for (int64_t k = K; k < Kp; ++k) q[k] = 0;
+    *xs = s;
+    *xsum = sum;
+}
+
+#if defined(ST_ISA_AVX512VNNI)
+static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k)));
+    }
+    const float s = row_scale(_mm512_reduce_max_ps(vmax));
+    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i vsum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < Kp; k += 16) { /* Kp is a multiple of 16; masked-off lanes quantize to 0 */
+        const int64_t left = K - k;
+        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1u));
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vs);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        const __m512i i = _mm512_cvtps_epi32(v);
+        vsum = _mm512_add_epi32(vsum, i);
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(i));
+    }
+    *xs = s;
+    *xsum = _mm512_reduce_add_epi32(vsum);
+}
+#elif defined(ST_ISA_AVX2)
+static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    float amax = 0.0f;
+    for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (; k < K; ++k) {
+        float a = fabsf(x[k]);
+        amax = a > amax ? a : amax;
+    }
+    const float s = row_scale(amax);
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256i vsum = _mm256_setzero_si256();
+    for (k = 0; k + 32 <= K; k += 32) {
+        __m256i i32[4];
+        for (int j = 0; j < 4; ++j) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * j), vs);
+            v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            i32[j] = _mm256_cvtps_epi32(v);
+        }
+        const __m256i a = _mm256_packs_epi32(i32[0], i32[1]);
+        const __m256i b = _mm256_packs_epi32(i32[2], i32[3]);
+        const __m256i c = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+        _mm256_storeu_si256((__m256i *)(q + k), c);
+        vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, c), ones16));
+    }
+    int32_t parts[8];
+    _mm256_storeu_si256((__m256i *)parts, vsum);
+    int32_t sum = 0;
+    for (int i = 0; i < 8; ++i) sum += parts[i];
+    for (; k < K; ++k) {
+        float v = nearbyintf(x[k] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = (int8_t)v;
+        sum += q[k];
+    }
+    for (; k < Kp; ++k) q[k] = 0;
+    *xs = s;
+    *xsum = sum;
+}
+#else
+static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+    quantize_row_scalar(x, K, Kp, q, xs, xsum);
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Epilogue: y[n] = (float)(acc - xsum) / (ws * xs) (+ bias[n]) for up to 16 outputs of one token.    */
+/* ------------------------------------------------------------------------------------------------ */
+static inline void store_outputs(const int32_t *acc, int count, int32_t xsum, float denom, const float *bias,
+                                 float *y) {
+    for (int o = 0; o < count; ++o) {
+        float v = (float)(acc[o] - xsum) / denom;
+        if (bias) v = v + bias[o];
+        y[o] = v;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Micro-kernels: R row blocks (16 outputs each) x T tokens, over all K groups.                     */
+/*   w: tile16 blob at row block b0 (row block stride wstride bytes); x: T rows of xq (stride Kp).   */
+/* ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    const uint8_t *w; /* blob */
+    const int8_t *xq;
+    const float *xs;
+    const int32_t *xsum;
+    const float *bias;
+    float *y;
+    int64_t M, N, Kp, Kg, ldy;
+    float ws;
+} st_args;
+
+#if defined(ST_ISA_AVX512VNNI)
+ST_ALWAYS_INLINE void micro(const st_args *a, int64_t b0, int64_t m0, const int R, const int T) {
+    const int64_t wstride = a->Kg * 64;
+    const uint8_t *wb = a->w + b0 * wstride;
+    const int8_t *xr = a->xq + m0 * a->Kp;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i acc[2][8];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < a->Kg; ++g) {
+        __m512i p[2];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) p[r] = _mm512_loadu_si512((const void *)(wb + r * wstride + g * 64));
+        const int8_t *xg = xr + g * 16;
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; ++s) {
+            __m512i w[2];
+#pragma GCC unroll 2
+            for (int r = 0; r < R; ++r) w[r] = _mm512_and_si512(_mm512_srli_epi16(p[r], 2 * s), m3);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; ++t) {
+                const __m512i xb = _mm512_set1_epi32(load_i32(xg + t * a->Kp + 4 * s));
+#pragma GCC unroll 2
+                for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[r], xb);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+        const int64_t m = m0 + t;
+        const __m512 denom = _mm512_set1_ps(a->ws * a->xs[m]);
+        const __m512i xsum = _mm512_set1_epi32(a->xsum[m]);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+            const int64_t n = (b0 + r) * 16;
+            const int64_t left = a->N - n;
+            if (left <= 0) continue;
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            __m512 v = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][t], xsum)), denom);
+            if (a->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, a->bias + n));
+            _mm512_mask_storeu_ps(a->y + m * a->ldy + n, mk, v);
+        }
+    }
+}
+#elif defined(ST_ISA_AVX2)
+/* Here R counts ymm halves: one 16-output row block = 2 halves (bytes 0-31: outputs 0-7, 32-63: 8-15). */
+ST_ALWAYS_INLINE void micro(const st_args *a, int64_t b0, int64_t m0, const int R, const int T) {
+    (void)R; /* always one row block (2 halves) on AVX2 */
+    const uint8_t *wb = a->w + b0 * a->Kg * 64;
+    const int8_t *xr = a->xq + m0 * a->Kp;
+    const __m256i m3 = _mm256_set1_epi8(3), ones16 = _mm256_set1_epi16(1);
+    __m256i acc16[2][4], acc32[2][4];
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) acc16[h][t] = acc32[h][t] = _mm256_setzero_si256();
+    int64_t g = 0;
+    while (g < a->Kg) {
+        /* 8 groups = 32 vpmaddubsw per int16 accumulator before widening: |sum| <= 32 * 512 */
+        const int64_t gend = g + 8 < a->Kg ? g + 8 : a->Kg;
+        for (; g < gend; ++g) {
+            const __m256i p0 = _mm256_loadu_si256((const __m256i *)(wb + g * 64));
+            const __m256i p1 = _mm256_loadu_si256((const __m256i *)(wb + g * 64 + 32));
+            const int8_t *xg = xr + g * 16;
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; ++s) {
+                const __m256i w0 = _mm256_and_si256(_mm256_srli_epi16(p0, 2 * s), m3);
+                const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(p1, 2 * s), m3);
+#pragma GCC unroll 4
+                for (int t = 0; t < T; ++t) {
+                    const __m256i xb = _mm256_set1_epi32(load_i32(xg + t * a->Kp + 4 * s));
+                    acc16[0][t] = _mm256_add_epi16(acc16[0][t], _mm256_maddubs_epi16(w0, xb));
+                    acc16[1][t] = _mm256_add_epi16(acc16[1][t], _mm256_maddubs_epi16(w1, xb));
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+            for (int t = 0; t < T; ++t) {
+                acc32[h][t] = _mm256_add_epi32(acc32[h][t], _mm256_madd_epi16(acc16[h][t], ones16));
+                acc16[h][t] = _mm256_setzero_si256();
+            }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+        const int64_t m = m0 + t;
+        const float denom_s = a->ws * a->xs[m];
+        const __m256 denom = _mm256_set1_ps(denom_s);
+        const __m256i xsum = _mm256_set1_epi32(a->xsum[m]);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const int64_t n = b0 * 16 + h * 8;
+            const int64_t left = a->N - n;
+            if (left <= 0) continue;
+            __m256 v = _mm256_div_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc32[h][t], xsum)), denom);
+            float *yo = a->y + m * a->ldy + n;
+            if (left >= 8) {
+                if (a->bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a->bias + n));
+                _mm256_storeu_ps(yo, v);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, v);
+                for (int o = 0; o < left; ++o) yo[o] = a->bias ? tmp[o] + a->bias[n + o] : tmp[o];
+            }
+        }
+    }
+}
+#elif defined(ST_ISA_NEON_DOT)
+ST_ALWAYS_INLINE uint8x16_t neon_codes(uint8x16_t p, const int s) {
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    switch (s) {
+        case 0: return vandq_u8(p, m3);
+        case 1: return vandq_u8(vshrq_n_u8(p, 2), m3);
+        case 2: return vandq_u8(vshrq_n_u8(p, 4), m3);
+        default: return vshrq_n_u8(p, 6);
+    }
+}
+ST_ALWAYS_INLINE void micro(const st_args *a, int64_t b0, int64_t m0, const int R, const int T) {
+    (void)R; /* one row block = 4 q registers of 4 outputs */
+    const uint8_t *wb = a->w + b0 * a->Kg * 64;
+    const int8_t *xr = a->xq + m0 * a->Kp;
+    int32x4_t acc[4][4];
+    for (int h = 0; h < 4; ++h)
+        for (int t = 0; t < T; ++t) acc[h][t] = vdupq_n_s32(0);
+    for (int64_t g = 0; g < a->Kg; ++g) {
+        uint8x16_t p[4];
+        for (int h = 0; h < 4; ++h) p[h] = vld1q_u8(wb + g * 64 + 16 * h);
+        const int8_t *xg = xr + g * 16;
+        for (int s = 0; s < 4; ++s) {
+            int8x16_t w[4];
+            for (int h = 0; h < 4; ++h) w[h] = vreinterpretq_s8_u8(neon_codes(p[h], s));
+            for (int t = 0; t < T; ++t) {
+                /* codes are 0..2, so the signed dot product is the same as the unsigned one */
+                const int8x16_t xb = vreinterpretq_s8_s32(vdupq_n_s32(load_i32(xg + t * a->Kp + 4 * s)));
+                for (int h = 0; h < 4; ++h) acc[h][t] = vdotq_s32(acc[h][t], w[h], xb);
+            }
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        const int64_t m = m0 + t;
+        const float denom = a->ws * a->xs[m];
+        for (int h = 0; h < 4; ++h) {
+            const int64_t n = b0 * 16 + h * 4;
+            const int64_t left = a->N - n;
+            if (left <= 0) continue;
+            int32_t lanes[4];
+            vst1q_s32(lanes, acc[h][t]);
+            store_outputs(lanes, left < 4 ? (int)left : 4, a->xsum[m], denom, a->bias ? a->bias + n : NULL,
+                          a->y + m * a->ldy + n);
+        }
+    }
+}
+#else
+ST_ALWAYS_INLINE void micro(const st_args *a, int64_t b0, int64_t m0, const int R, const int T) {
+    (void)R;
+    const uint8_t *wb = a->w + b0 * a->Kg * 64;
+    for (int t = 0; t < T; ++t) {
+        const int64_t m = m0 + t;
+        const int8_t *xr = a->xq + m * a->Kp;
+        int32_t acc[16] = {0};
+        for (int64_t g = 0; g < a->Kg; ++g) {
+            const uint8_t *blk = wb + g * 64;
+            const int8_t *xg = xr + g * 16;
+            for (int o = 0; o < 16; ++o)
+                for (int s = 0; s < 4; ++s)
+                    for (int kk = 0; kk < 4; ++kk) acc[o] += ((blk[o * 4 + kk] >> (2 * s)) & 3) * xg[4 * s + kk];
+        }
+        const int64_t n = b0 * 16;
+        const int64_t left = a->N - n;
+        store_outputs(acc, left < 16 ? (int)left : 16, a->xsum[m], a->ws * a->xs[m], a->bias ? a->bias + n : NULL,
+                      a->y + m * a->ldy + n);
+    }
+}
+#endif
+
+/* Row blocks handled per micro-kernel call. */
+#if defined(ST_ISA_AVX512VNNI)
+#define ST_TILE_R 2
+#else
+#define ST_TILE_R 1
+#endif
+
+static void gemm_block(const st_args *a, int64_t mb0, int64_t mb1, int64_t bb0, int64_t bb1) {
+    for (int64_t b = bb0; b < bb1; b += ST_TILE_R) {
+        const int r = (b + ST_TILE_R <= bb1) ? ST_TILE_R : (int)(bb1 - b);
+        int64_t m = mb0;
+        for (; m + ST_TILE_T <= mb1; m += ST_TILE_T) {
+            if (r == ST_TILE_R) micro(a, b, m, ST_TILE_R, ST_TILE_T);
+            else micro(a, b, m, 1, ST_TILE_T);
+        }
+        /* token tail: 1 token at a time (small M or the last few rows) */
+        for (; m < mb1; ++m) {
+            if (r == ST_TILE_R) micro(a, b, m, ST_TILE_R, 1);
+            else micro(a, b, m, 1, 1);
+        }
+    }
+}
+
+/*
+ * x: fp32 (M, K), row stride ldx. w: tile16 blob (ceil(N/16), Kp/16, 64). bias: fp32 (N) or NULL.
+ * y: fp32 (M, N), row stride ldy. xq: int8 scratch (M, Kp); xs: fp32 scratch (M); xsum: int32 scratch (M).
+ * Returns 0 on success, a negative code on bad arguments.
+ */
+int st_ternary_linear_f32(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
+                          int64_t Kp, float ws, const float *bias, float *y, int64_t ldy, int8_t *xq, float *xs,
+                          int32_t *xsum, int nthreads) {
+    if (M < 0 || K <= 0 || N <= 0 || Kp < K || Kp % 16 != 0 || ldx < K || ldy < N) return -1;
+    if (M == 0) return 0;
+    st_args a = {w, xq, xs, xsum, bias, y, M, N, Kp, Kp / 16, ldy, ws};
+    const int64_t nblocks = (N + 15) / 16;
+    const int64_t bb = ST_BLOCK_N / 16;
+    const int64_t n_mb = (M + ST_BLOCK_M - 1) / ST_BLOCK_M, n_nb = (nblocks + bb - 1) / bb;
+    const int64_t items = n_mb * n_nb;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+    /* tiny problems: threads cost more than they save */
+    if ((double)M * (double)N * (double)K < 2.0e5) nthreads = 1;
+    if (n_mb >= 2 * (int64_t)nthreads) {
+        /* Many token blocks: each thread quantizes and multiplies its own rows, so the threads never wait
+           for each other before the end (barriers are costly on a busy, oversubscribed machine). */
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            const int64_t mb0 = n_mb * tid / nt, mb1 = n_mb * (tid + 1) / nt;
+            const int64_t m0 = mb0 * ST_BLOCK_M, m1 = mb1 * ST_BLOCK_M < M ? mb1 * ST_BLOCK_M : M;
+            for (int64_t m = m0; m < m1; ++m) quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m, xsum + m);
+            for (int64_t mi = mb0; mi < mb1; ++mi) {
+                const int64_t r0 = mi * ST_BLOCK_M, r1 = r0 + ST_BLOCK_M < M ? r0 + ST_BLOCK_M : M;
+                for (int64_t ni = 0; ni < n_nb; ++ni) {
+                    const int64_t b0 = ni * bb, b1 = b0 + bb < nblocks ? b0 + bb : nblocks;
+                    gemm_block(&a, r0, r1, b0, b1);
+                }
+            }
+        }
+        return 0;
+    }
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m, xsum + m);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t mi = it / n_nb, ni = it % n_nb;
+            const int64_t m0 = mi * ST_BLOCK_M, m1 = m0 + ST_BLOCK_M < M ? m0 + ST_BLOCK_M : M;
+            const int64_t b0 = ni * bb, b1 = b0 + bb < nblocks ? b0 + bb : nblocks;
+            gemm_block(&a, m0, m1, b0, b1);
+        }
+    }
+    return 0;
+}
+
+/* Quantization alone (tests and the GPU-free reference comparison). */
+int st_quantize_f32(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, int8_t *xq, float *xs,
+                    int32_t *xsum) {
+    if (M < 0 || K <= 0 || Kp < K || ldx < K) return -1;
+    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m, xsum + m);
+    return 0;
+}

@@ -1,0 +1,368 @@
+"""st_bitnet.ops: the ternary_linear op, its CPU kernel and the packed-BitLinear dispatch.
+
+Every kernel result is compared bit for bit (torch.equal) with st_bitnet.bitlinear.ternary_linear_reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from st_bitnet.bitlinear import BitLinear, pack_ternary, set_packed_linear_impl, ternary_linear_reference
+from st_bitnet.ops import cpu_kernel, dispatch, register_kernels, set_kernel_mode
+from st_bitnet.ops.layouts import LAYOUTS, pack_tile16, to_layout, unpack_tile16
+
+register_kernels()
+op = torch.ops.st_bitnet.ternary_linear
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path_factory, monkeypatch):
+    # one build per test session, outside the user's cache
+    monkeypatch.setenv("ST_BITNET_CACHE", str(tmp_path_factory.getbasetemp() / "st_bitnet_cache"))
+    set_kernel_mode(None)
+    yield
+    set_kernel_mode(None)
+
+
+def _random_problem(g, m, k, n, bias=True, scale=1.0):
+    x = torch.randn(m, k, generator=g) * scale
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    ws = torch.rand(1, generator=g) * 3 + 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    return x, w, ws, b
+
+
+# --------------------------------------------------------------------------------------------------
+# import hygiene
+# --------------------------------------------------------------------------------------------------
+_HYGIENE_SCRIPT = """
+import os, sys, importlib.abc
+st_root = os.path.dirname(os.path.abspath(sys.argv[1]))
+importers = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    # records which source file executes an 'import triton...' (first frame outside importlib)
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            f = sys._getframe(1)
+            while f and ("importlib" in f.f_code.co_filename or f.f_code.co_filename.startswith("<frozen")):
+                f = f.f_back
+            importers.append(f.f_code.co_filename if f else "?")
+        return None
+
+sys.meta_path.insert(0, Spy())
+import torch
+import st_bitnet, st_bitnet.ops
+st_bitnet.ops.register_kernels()
+layer = st_bitnet.BitLinear(32, 8).eval().pack_()
+layer(torch.randn(2, 32))  # a CPU forward (C kernel or reference) must not pull Triton either
+ours = [f for f in importers if os.path.abspath(f).startswith(st_root)]
+assert not ours, f"st_bitnet imports triton from {ours}"
+assert not torch.cuda.is_initialized(), "CUDA initialised"
+print("ok", "triton loaded by third-party imports:" , "triton" in sys.modules)
+"""
+
+
+def test_import_touches_neither_cuda_nor_triton():
+    # transformers (PreTrainedModel -> flash_attention -> torch._dynamo) may import Triton itself when it
+    # is installed; what st_bitnet guarantees is that none of *its* code imports it or initialises CUDA.
+    import st_bitnet
+
+    env = {**os.environ, "ST_BITNET_KERNEL": "reference"}  # no compiler run needed for this check
+    out = subprocess.run(
+        [sys.executable, "-c", _HYGIENE_SCRIPT, st_bitnet.__file__], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_ops_modules_never_import_triton_at_top_level():
+    # the only module allowed to import triton is triton_kernels, and only cuda_kernel imports it (lazily)
+    import pathlib
+
+    import st_bitnet.ops as ops
+
+    for path in pathlib.Path(ops.__file__).parent.glob("*.py"):
+        if path.name == "triton_kernels.py":
+            continue
+        top_level = [ln for ln in path.read_text().splitlines() if ln.startswith(("import ", "from "))]
+        assert not any("triton" in ln for ln in top_level), f"{path.name} imports triton at import time"
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 16), (37, 70), (640, 33), (5, 1000)])
+def test_tile16_roundtrip(n, k):
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    blob = pack_tile16(w)
+    assert blob.shape == (-(-n // 16), -(-k // 16), 64) and blob.dtype == torch.uint8
+    assert torch.equal(unpack_tile16(blob, n, k), w)
+
+
+def test_tile16_bit_positions():
+    # output 17 (block 1, o = 1), input 16*2 + 4*3 + 2 (group 2, step s = 3, kk = 2) -> bits 6-7 of byte 1*4 + 2
+    w = torch.zeros(20, 50, dtype=torch.int8)
+    w[17, 2 * 16 + 4 * 3 + 2] = 1  # code 2
+    blob = pack_tile16(w)
+    assert int(blob[1, 2, 6]) == (2 << 6) | 0b010101
+    assert int(blob[1, 2, 5]) == 0b01010101
+
+
+# --------------------------------------------------------------------------------------------------
+# the op: reference semantics, opcheck, errors
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(device, layout):
+    g = torch.Generator().manual_seed(0)
+    for m, k, n, bias in [(3, 40, 24, True), (1, 17, 5, False)]:
+        x, w, ws, b = _random_problem(g, m, k, n, bias)
+        args = (x.to(device), to_layout(w, layout).to(device), ws.to(device), None if b is None else b.to(device), n, layout)
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_op_matches_reference(device, layout, dtype):
+    g = torch.Generator().manual_seed(1)
+    x, w, ws, b = _random_problem(g, 2 * 3, 90, 33)
+    x = x.reshape(2, 3, 90).to(dtype)
+    want = ternary_linear_reference(x, w, ws, b)
+    got = op(x.to(device), to_layout(w, layout).to(device), ws.to(device), b.to(device), 33, layout)
+    assert got.dtype == dtype and got.shape == (2, 3, 33)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_op_bf16_weight_scale_and_bias():
+    g = torch.Generator().manual_seed(2)
+    x, w, ws, b = _random_problem(g, 4, 48, 20)
+    ws, b = ws.bfloat16(), b.bfloat16()
+    assert torch.equal(op(x, pack_tile16(w), ws, b, 20, "tile16"), ternary_linear_reference(x, w, ws, b))
+
+
+def test_op_errors():
+    x = torch.randn(3, 32)
+    w = torch.randint(-1, 2, (8, 32), dtype=torch.int8)
+    ws = torch.ones(1)
+    blob = pack_tile16(w)
+    with pytest.raises(TypeError, match="x must be a float"):
+        op(x.to(torch.int32), blob, ws, None, 8, "tile16")
+    with pytest.raises(TypeError, match="must be torch.uint8"):
+        op(x, blob.to(torch.int8), ws, None, 8, "tile16")
+    with pytest.raises(ValueError, match="must have shape"):
+        op(x[:, :15], blob, ws, None, 8, "tile16")
+    with pytest.raises(ValueError, match="must have shape"):
+        op(x, pack_ternary(w), ws, None, 9 + 8, "packed2")
+    with pytest.raises(ValueError, match="unknown layout"):
+        op(x, blob, ws, None, 8, "int4")
+    with pytest.raises(ValueError, match="weight_scale"):
+        op(x, blob, torch.ones(2), None, 8, "tile16")
+    with pytest.raises(ValueError, match="bias"):
+        op(x, blob, ws, torch.ones(7), 8, "tile16")
+    corrupt = blob.clone()
+    corrupt[0, 0, 0] = 0xFF  # code 3
+    with pytest.raises(ValueError, match="code 3"):
+        op(x, corrupt, ws, None, 8, "tile16")
+    corrupt2 = pack_ternary(w)
+    corrupt2[1, 3] |= 0b11000000
+    with pytest.raises(ValueError, match="code 3"):
+        op(x, corrupt2, ws, None, 8, "packed2")
+
+
+def test_op_empty_batch_and_single_token():
+    g = torch.Generator().manual_seed(3)
+    x, w, ws, b = _random_problem(g, 1, 640, 256)
+    blob = pack_tile16(w)
+    assert torch.equal(op(x, blob, ws, b, 256, "tile16"), ternary_linear_reference(x, w, ws, b))
+    empty = torch.randn(0, 7, 640)
+    assert op(empty, blob, ws, b, 256, "tile16").shape == (0, 7, 256)
+
+
+def test_op_under_torch_compile():
+    g = torch.Generator().manual_seed(4)
+    x, w, ws, b = _random_problem(g, 5, 40, 24)
+    blob = pack_tile16(w)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        return op(x * 2.0, blob, ws, b, 24, "tile16") + 1.0
+
+    want = ternary_linear_reference(x * 2.0, w, ws, b) + 1.0
+    assert torch.equal(f(x), want)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU kernel: bit-exact fuzz over every build variant this machine runs
+# --------------------------------------------------------------------------------------------------
+def _variants():
+    out = ["native", "scalar"]
+    if cpu_kernel._cpu_signature().find("avx2") >= 0:
+        out.insert(1, "avx2")
+    return out
+
+
+@pytest.mark.parametrize("variant", _variants())
+def test_cpu_kernel_fuzz_bit_exact(variant):
+    lib = cpu_kernel.load_library(variant)
+    if lib is None:
+        pytest.skip(f"no C compiler for the {variant} CPU kernel")
+    g = torch.Generator().manual_seed(hash(variant) % 1000)
+    cases = 1000 if variant == "native" else 400
+    for i in range(cases):
+        m = int(torch.randint(0, 21, (1,), generator=g))
+        k = int(torch.randint(1, 200, (1,), generator=g))
+        n = int(torch.randint(1, 70, (1,), generator=g))
+        scale = float(10 ** torch.empty(1).uniform_(-3, 3, generator=g))
+        x, w, ws, b = _random_problem(g, m, k, n, bias=bool(i % 2), scale=scale)
+        if m and i % 5 == 0:
+            x[0] *= 1e-8  # absmax below the 1e-5 clamp
+        if m and i % 7 == 0:
+            x[-1] = 0.0
+        if m and i % 9 == 0:
+            x[m // 2, : k // 2] = 0.5 / ((127.0 / x[m // 2].abs().max()))  # exact .5 ties after scaling
+        got = cpu_kernel.run_tile16(lib, x, pack_tile16(w), ws, b, n)
+        want = ternary_linear_reference(x, w, ws, b)
+        assert torch.equal(got, want), f"{variant}: mismatch at M={m} K={k} N={n} (case {i})"
+
+
+def test_cpu_kernel_large_k_bounds():
+    # K large enough to need several int16 -> int32 widenings (AVX2) with |x_q| = 127 everywhere and all
+    # weights +1 (largest sums): checks the overflow argument at its worst case.
+    for variant in _variants():
+        lib = cpu_kernel.load_library(variant)
+        if lib is None:
+            continue
+        k, n = 4100, 33
+        x = torch.ones(3, k)
+        x[1] = -1.0
+        w = torch.ones(n, k, dtype=torch.int8)
+        w[::2] = -1
+        ws = torch.tensor([0.37])
+        assert torch.equal(cpu_kernel.run_tile16(lib, x, pack_tile16(w), ws, None, n), ternary_linear_reference(x, w, ws))
+
+
+def test_cpu_kernel_threads_agree():
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(5)
+    x, w, ws, b = _random_problem(g, 200, 640, 300)
+    blob = pack_tile16(w)
+    want = ternary_linear_reference(x, w, ws, b)
+    old = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(cpu_kernel.run_tile16(lib, x, blob, ws, b, 300), want)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "_find_compiler", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "_libs", {})
+    monkeypatch.setattr(cpu_kernel, "_warned", False)
+    g = torch.Generator().manual_seed(6)
+    x, w, ws, b = _random_problem(g, 3, 20, 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = op(x, pack_tile16(w), ws, b, 10, "tile16")
+        y2 = op(x, pack_tile16(w), ws, b, 10, "tile16")
+    msgs = [str(c.message) for c in caught if "CPU ternary kernel is unavailable" in str(c.message)]
+    assert len(msgs) == 1 and "no C compiler" in msgs[0]
+    assert torch.equal(y1, ternary_linear_reference(x, w, ws, b)) and torch.equal(y1, y2)
+
+
+# --------------------------------------------------------------------------------------------------
+# packed BitLinear through the dispatch
+# --------------------------------------------------------------------------------------------------
+def _packed_layer(k=70, n=37, bias=True, seed=7):
+    torch.manual_seed(seed)
+    layer = BitLinear(k, n, bias=bias).eval()
+    with torch.no_grad():
+        layer.rms_norm.weight.uniform_(0.5, 1.5)
+        if bias:
+            layer.bias.normal_()
+    return layer.pack_()
+
+
+def test_packed_bitlinear_uses_kernel_and_caches_layout(monkeypatch):
+    layer = _packed_layer()
+    x = torch.randn(4, 9, 70)
+    set_kernel_mode("reference")
+    want = layer(x)
+    assert layer._kernel_state is None
+    set_kernel_mode("auto")
+    got = layer(x)
+    assert torch.equal(got, want)
+    state = layer._kernel_state
+    assert state is not None and state["cpu"].shape == (3, 5, 64)
+    calls = []
+    monkeypatch.setattr(dispatch, "_build_state", lambda *a: calls.append(a) or state)
+    layer(x)
+    assert calls == []  # cached: no repack on the second call
+    monkeypatch.undo()
+    layer.to(torch.float32)  # .to() drops the cache
+    assert layer._kernel_state is None
+    layer(x)
+    stale = layer._kernel_state["cpu"].clone()
+    with torch.no_grad():  # in-place weight change (e.g. load_state_dict) invalidates it too
+        layer.weight.copy_(_packed_layer(seed=8).weight)
+    assert torch.equal(layer(x), _reference_forward(layer, x))
+    assert not torch.equal(layer._kernel_state["cpu"], stale)
+
+
+def _reference_forward(layer, x):
+    set_kernel_mode("reference")
+    try:
+        return layer(x)
+    finally:
+        set_kernel_mode(None)
+
+
+def test_env_switch_forces_reference(monkeypatch):
+    monkeypatch.setenv("ST_BITNET_KERNEL", "reference")
+    layer = _packed_layer()
+    layer(torch.randn(2, 70))
+    assert layer._kernel_state is None
+    monkeypatch.setenv("ST_BITNET_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="ST_BITNET_KERNEL"):
+        layer(torch.randn(2, 70))
+
+
+def test_packed_bitlinear_bf16_and_compile():
+    layer = _packed_layer(k=64, n=48).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    want = _reference_forward(layer, x)
+    assert torch.equal(layer(x), want)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), want)
+    fresh = _packed_layer(k=64, n=48).to(torch.bfloat16)  # traced before any eager call: no state yet
+    assert torch.equal(torch.compile(fresh, fullgraph=True, backend="aot_eager")(x), want)
+
+
+def test_register_kernels_is_idempotent_and_installs_hook():
+    import st_bitnet.bitlinear as bl
+
+    register_kernels()
+    register_kernels()
+    assert bl._PACKED_LINEAR_IMPL is dispatch.packed_linear
+    set_packed_linear_impl(None)
+    try:
+        import st_bitnet.ops as ops
+
+        ops._registered = False
+        register_kernels()
+        assert bl._PACKED_LINEAR_IMPL is dispatch.packed_linear
+    finally:
+        register_kernels()
