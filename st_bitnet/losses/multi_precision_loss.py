@@ -1,0 +1,228 @@
+"""``MultiPrecisionLoss``: train one embedding model for 16/8/4/2/1-bit outputs, in the style of ``MatryoshkaLoss``."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from st_bitnet.multi_precision.encode import find_quantizer
+from st_bitnet.multi_precision.precision import BITS, resolve_bits
+from st_bitnet.multi_precision.quantizer import MultiPrecisionQuantizer
+
+try:  # sentence-transformers >= 6.0
+    from sentence_transformers.base.losses.gradcache import uses_gradient_cache
+except ImportError:  # pragma: no cover - older releases mark cached losses by name only
+    def uses_gradient_cache(loss: Any) -> bool:
+        return getattr(loss, "uses_gradient_cache", False)
+
+
+def quantize_labels(labels: Any, quantizer: MultiPrecisionQuantizer, bits: int, embedding_dimension: int) -> Any:
+    """Map embedding-shaped labels (distillation targets) into the space of the ``bits``-bit output.
+
+    Low-bit outputs live in the quantizer's normalized space, so a teacher embedding is compared there too:
+    ``clamp((y - offset) / scale, -1, 1)`` for 8/4/2 bits and the sign for 1 bit. Other labels pass through.
+    """
+    if bits == 16 or not isinstance(labels, Tensor) or labels.ndim not in (2, 3) or labels.size(-1) != embedding_dimension:
+        return labels
+    with torch.no_grad():
+        z = quantizer.normalize(labels.to(quantizer.offset.dtype))
+        if bits == 1:
+            return torch.where(labels > 0 if quantizer.binary_threshold == "zero" else z >= 0, 1.0, -1.0).to(labels.dtype)
+        return z.clamp(-1.0, 1.0).to(labels.dtype)
+
+
+class _QuantizingForward:
+    """Caches the model's float output on the first precision and re-quantizes it for every other precision.
+
+    Applied to ``SentenceTransformer.forward`` for the duration of one :meth:`MultiPrecisionLoss.forward`, so the
+    backbone runs once per batch however many precisions are trained.
+    """
+
+    def __init__(self, fn, quantizer: MultiPrecisionQuantizer) -> None:
+        self.fn = fn
+        self.quantizer = quantizer
+        self.bits: int | None = None
+        self.cache: list[dict[str, Tensor]] = []
+        self.filling = True
+        self.index = 0
+
+    def set_bits(self, bits: int, first: bool) -> None:
+        self.bits = bits
+        self.filling = first
+        self.index = 0
+
+    def __call__(self, features: dict[str, Tensor], *args, **kwargs) -> dict[str, Tensor]:
+        if self.filling:
+            output = self.fn(features, *args, **kwargs)
+            self.cache.append(output)
+        else:
+            output = self.cache[self.index]
+        self.index += 1
+        # A shallow copy: the cached float embedding must survive for the next precision.
+        quantized = dict(output)
+        quantized["sentence_embedding"] = self.quantizer.fake_quantize(output["sentence_embedding"], self.bits)
+        return quantized
+
+
+class _QuantizingCalculateLoss:
+    """For gradient-caching losses (``CachedMultipleNegativesRankingLoss`` ...): quantize the cached reps per precision."""
+
+    def __init__(self, fn, quantizer: MultiPrecisionQuantizer, owner: MultiPrecisionLoss) -> None:
+        self.fn = fn
+        self.quantizer = quantizer
+        self.owner = owner
+
+    def __call__(self, reps: list[list[Tensor]], *args, **kwargs) -> Tensor:
+        loss = 0.0
+        for bits, weight in self.owner._sample_precisions():
+            quantized = [[self.quantizer.fake_quantize(r, bits) for r in minibatch] for minibatch in reps]
+            if torch.is_grad_enabled():
+                # Detach so the inner loss's mini-batch backward passes leave the quantization graph intact,
+                # then continue the backward pass through it (weighted) ourselves.
+                leaves = [[r.detach().requires_grad_() for r in minibatch] for minibatch in quantized]
+                loss = loss + weight * self.fn(leaves, *args, **kwargs)
+                for q_minibatch, l_minibatch in zip(quantized, leaves):
+                    for q, leaf in zip(q_minibatch, l_minibatch):
+                        if leaf.grad is not None:
+                            q.backward(weight * leaf.grad)
+            else:
+                loss = loss + weight * self.fn(quantized, *args, **kwargs)
+        return loss
+
+
+class MultiPrecisionLoss(nn.Module):
+    def __init__(
+        self,
+        model,
+        loss: nn.Module,
+        precisions: Sequence[int | str] = BITS,
+        precision_weights: Sequence[float] | None = None,
+        n_precisions_per_step: int = -1,
+    ) -> None:
+        """
+        Wraps any sentence-transformers loss and sums it over output precisions, so one model serves 16, 8, 4, 2 and
+        1-bit embeddings. The backbone runs once per batch; each precision re-quantizes the same float embedding
+        with the model's :class:`~st_bitnet.multi_precision.MultiPrecisionQuantizer` (straight-through gradients),
+        exactly like ``MatryoshkaLoss`` re-truncates one forward pass per dimension.
+
+        Args:
+            model: A ``SentenceTransformer`` whose last module is a ``MultiPrecisionQuantizer``.
+            loss: The loss to apply at every precision, e.g. ``MultipleNegativesRankingLoss``, ``CoSENTLoss``,
+                ``MSELoss`` (embedding-shaped labels are mapped into each precision's space), or a cached loss.
+            precisions: Bit widths (or names such as ``"2bit"``) to train; each must be served by the quantizer.
+            precision_weights: One weight per precision (default 1 each).
+            n_precisions_per_step: If > 0, train a random subset of this many precisions per step.
+
+        References:
+            - Nair et al., "Matryoshka Quantization", 2025: https://huggingface.co/papers/2502.06786
+            - Kusupati et al., "Matryoshka Representation Learning", 2022: https://huggingface.co/papers/2205.13147
+
+        Inputs:
+            +-----------------------------+--------+
+            | Inputs                      | Labels |
+            +=============================+========+
+            | any (those of ``loss``)     | any    |
+            +-----------------------------+--------+
+
+        Example:
+            ::
+
+                from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+                from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+                from st_bitnet.losses import MultiPrecisionLoss
+                from st_bitnet.multi_precision import MultiPrecisionQuantizer
+
+                model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+                model.append(MultiPrecisionQuantizer.from_embeddings(model.encode(calibration_texts)))
+                loss = MultiPrecisionLoss(model, MultipleNegativesRankingLoss(model), precisions=[16, 8, 4, 2, 1])
+                trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+                trainer.train()
+        """
+        super().__init__()
+        quantizer = find_quantizer(model)
+        if quantizer is None:
+            raise ValueError(
+                "MultiPrecisionLoss needs a MultiPrecisionQuantizer as the model's last module: "
+                "model.append(MultiPrecisionQuantizer.from_embeddings(model.encode(calibration_texts)))."
+            )
+        if not precisions:
+            raise ValueError("precisions must name at least one bit width.")
+        bits = [resolve_bits(p) for p in precisions]
+        if len(set(bits)) != len(bits):
+            raise ValueError(f"Duplicate precisions in {list(precisions)}.")
+        unserved = [b for b in bits if b not in quantizer.precisions]
+        if unserved:
+            raise ValueError(f"The model's quantizer serves {quantizer.precisions} bits, not {unserved}.")
+        if precision_weights is None:
+            precision_weights = [1.0] * len(bits)
+        elif len(precision_weights) != len(bits):
+            raise ValueError("precision_weights must have one weight per precision.")
+        if any(w < 0 for w in precision_weights):
+            raise ValueError("precision_weights must be non-negative.")
+        order = sorted(range(len(bits)), key=lambda i: -bits[i])  # widest first, like MatryoshkaLoss' dims
+        self.model = model
+        self.loss = loss
+        self.quantizer = quantizer
+        self.precisions: tuple[int, ...] = tuple(bits[i] for i in order)
+        self.precision_weights: tuple[float, ...] = tuple(float(precision_weights[i]) for i in order)
+        self.n_precisions_per_step = n_precisions_per_step
+        self.uses_gradient_cache = uses_gradient_cache(loss)
+        if self.uses_gradient_cache:
+            loss.calculate_loss = _QuantizingCalculateLoss(loss.calculate_loss, quantizer, self)
+
+    def _sample_precisions(self) -> list[tuple[int, float]]:
+        pairs = list(zip(self.precisions, self.precision_weights))
+        if 0 < self.n_precisions_per_step < len(pairs):
+            chosen = sorted(random.sample(range(len(pairs)), self.n_precisions_per_step))
+            pairs = [pairs[i] for i in chosen]
+        return pairs
+
+    @staticmethod
+    def combine(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+        """The weighted sum of per-precision losses (tensor only)."""
+        if len(losses) != len(weights) or not losses:
+            raise ValueError("Need one weight per loss and at least one loss.")
+        return sum(w * l for w, l in zip(weights, losses))
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        if self.uses_gradient_cache:
+            return self.loss(sentence_features, labels)
+        sentence_features = list(sentence_features)
+        original_forward = self.model.forward
+        decorated = _QuantizingForward(original_forward, self.quantizer)
+        losses, weights = [], []
+        try:
+            self.model.forward = decorated
+            for i, (bits, weight) in enumerate(self._sample_precisions()):
+                decorated.set_bits(bits, first=i == 0)
+                bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
+                losses.append(self.loss(sentence_features, bit_labels))
+                weights.append(weight)
+        finally:
+            self.model.forward = original_forward
+        return self.combine(losses, weights)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.__class__.__name__,
+            "precisions": self.precisions,
+            "precision_weights": self.precision_weights,
+            "n_precisions_per_step": self.n_precisions_per_step,
+        }
+
+    @property
+    def citation(self) -> str:
+        return """
+@misc{nair2025matryoshkaquantization,
+    title={Matryoshka Quantization},
+    author={Pranav Nair and Puranjay Datta and Jeff Dean and Prateek Jain and Aditya Kusupati},
+    year={2025},
+    eprint={2502.06786},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""

@@ -1,0 +1,264 @@
+"""``MultiPrecisionQuantizer``: the trained output quantizer of BITEMBED (16/8/4/2/1-bit from one model)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save_file as save_safetensors_file
+from torch import Tensor, nn
+
+from sentence_transformers.sentence_transformer.modules import Module
+
+from .packing import codes_from_normalized
+from .precision import BITS, resolve_bits
+from .quantized_embeddings import QuantizedEmbeddings
+
+BinaryThreshold = Literal["offset", "zero"]
+CalibrationMethod = Literal["std", "minmax"]
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class MultiPrecisionQuantizer(Module):
+    """Learned per-dimension quantizer of the sentence embedding, serving 16/8/4/2/1-bit outputs from one model.
+
+    Each dimension ``i`` has an ``offset`` and a positive ``scale`` (stored as ``log_scale``). The embedding ``x`` is
+    normalized to ``z = (x - offset) / scale``; ``[-1, 1)`` is split into ``2**b`` equal buckets, so the ``b``-bit code
+    is ``floor((z + 1) / 2 * 2**b)`` and the codes nest (the 4-bit code is the top half of the 8-bit code, the 1-bit
+    code is its top bit = the sign of ``z``), as in Matryoshka Quantization. 16 bits is a passthrough of ``x``
+    (rounded to float16 when stored).
+
+    In the pipeline the module is a passthrough, so ``model.encode`` returns the float output as before. During
+    training :class:`~st_bitnet.losses.MultiPrecisionLoss` asks :meth:`fake_quantize` for every precision: the
+    forward value is the dequantized code, the gradient is the straight-through estimator (identity inside the
+    range, zero outside), so ``offset``, ``scale`` and the backbone all learn. The ranges are saved with the model
+    (``model.safetensors`` of this module) and never re-fit per call.
+
+    Args:
+        embedding_dimension: Dimension of the sentence embedding.
+        precisions: The bit widths this quantizer serves (any of 16, 8, 4, 2, 1).
+        binary_threshold: ``"offset"`` (the 1-bit code is the sign of ``x - offset``: nested, trained) or ``"zero"``
+            (the sign of ``x``, as sentence-transformers' ``binary``; used by post-hoc quantization).
+        calibrated: Whether :meth:`calibrate` has set the ranges (saved so a reloaded model knows).
+
+    References:
+        - Nair et al., "Matryoshka Quantization", 2025: https://huggingface.co/papers/2502.06786
+        - Bengio et al., straight-through estimator, 2013: https://arxiv.org/abs/1308.3432
+
+    Example:
+        ::
+
+            from sentence_transformers import SentenceTransformer
+            from st_bitnet.multi_precision import MultiPrecisionQuantizer, encode
+
+            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+            quantizer = MultiPrecisionQuantizer.from_embeddings(model.encode(calibration_sentences))
+            model.append(quantizer)
+            codes = encode(model, ["A sentence"], precision="2bit")  # QuantizedEmbeddings, 96 bytes/vector
+    """
+
+    config_keys = ["embedding_dimension", "precisions", "binary_threshold", "calibrated"]
+
+    def __init__(
+        self,
+        embedding_dimension: int,
+        precisions: tuple[int, ...] | list[int] = BITS,
+        binary_threshold: BinaryThreshold = "offset",
+        calibrated: bool = False,
+    ) -> None:
+        super().__init__()
+        if int(embedding_dimension) <= 0:
+            raise ValueError(f"embedding_dimension must be positive, got {embedding_dimension}.")
+        if binary_threshold not in ("offset", "zero"):
+            raise ValueError(f"binary_threshold must be 'offset' or 'zero', got {binary_threshold!r}.")
+        precisions = tuple(sorted({resolve_bits(p) for p in precisions}, reverse=True))
+        if not precisions:
+            raise ValueError("precisions must name at least one bit width.")
+        self.embedding_dimension = int(embedding_dimension)
+        self.precisions = list(precisions)
+        self.binary_threshold = binary_threshold
+        self.calibrated = bool(calibrated)
+        self.offset = nn.Parameter(torch.zeros(self.embedding_dimension))
+        self.log_scale = nn.Parameter(torch.zeros(self.embedding_dimension))
+        # Runtime knob, not saved: when set, forward emits the fake-quantized embedding at this width (e.g. to run
+        # a sentence-transformers evaluator at 2 bits during training). None = passthrough (the default).
+        self.active_bits: int | None = None
+
+    # ---- maths (tensor only) -------------------------------------------------------------------------------------
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+    @property
+    def nested(self) -> bool:
+        """Whether the 1-bit code is the top bit of the 8-bit code (``binary_threshold == "offset"``)."""
+        return self.binary_threshold == "offset"
+
+    def normalize(self, embeddings: Tensor) -> Tensor:
+        """``z = (x - offset) / scale``: the space where the bucket grid is ``[-1, 1)``."""
+        return (embeddings - self.offset.to(embeddings.dtype)) / self.scale.to(embeddings.dtype)
+
+    def fake_quantize(self, embeddings: Tensor, bits: int) -> Tensor:
+        """Dequantized ``bits``-bit embeddings with straight-through gradients (differentiable).
+
+        Args:
+            embeddings: ``(batch, dim)`` float embeddings (the module's input).
+            bits: 16 (float16 round trip), 8, 4, 2 (bucket midpoints in the normalized space) or 1 (``+-1`` signs).
+
+        Returns:
+            ``(batch, dim)`` tensor equal in value to :meth:`quantize` followed by dequantization.
+        """
+        bits = resolve_bits(bits)
+        if bits == 16:
+            return embeddings + (embeddings.to(torch.float16).to(embeddings.dtype) - embeddings).detach()
+        z = self.normalize(embeddings)
+        clipped = z.clamp(-1.0, 1.0)
+        if bits == 1:
+            positive = embeddings > 0 if self.binary_threshold == "zero" else z >= 0
+            signs = torch.where(positive, 1.0, -1.0).to(z.dtype)
+            return clipped + (signs - clipped).detach()
+        levels = float(1 << bits)
+        codes = torch.floor((clipped + 1.0) * (levels / 2.0)).clamp(0.0, levels - 1.0)
+        midpoints = (2.0 * codes + 1.0) / levels - 1.0
+        return clipped + (midpoints - clipped).detach()
+
+    def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
+        if self.active_bits is not None:
+            features["sentence_embedding"] = self.fake_quantize(features["sentence_embedding"], self.active_bits)
+        return features
+
+    # ---- calibration ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(
+        self,
+        embeddings: np.ndarray | Tensor,
+        method: CalibrationMethod = "std",
+        std_multiplier: float = 2.0,
+    ) -> MultiPrecisionQuantizer:
+        """Set ``offset`` / ``scale`` from representative embeddings (the starting point of training).
+
+        Args:
+            embeddings: ``(n, dim)`` float embeddings of calibration texts (a few hundred or more).
+            method: ``"std"``: offset = per-dimension median (balanced 1-bit codes), scale = ``std_multiplier`` x std
+                (clips outliers, good for 2 and 4 bits). ``"minmax"``: the per-dimension min/max range of
+                sentence-transformers' ``int8`` quantization (offset = midrange, scale = half range).
+            std_multiplier: Half-width of the range in standard deviations for ``method="std"``.
+
+        Returns:
+            ``self``, calibrated.
+        """
+        x = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if not isinstance(embeddings, Tensor) else embeddings)
+        x = x.detach().to(torch.float64).cpu()
+        if x.ndim != 2 or x.shape[1] != self.embedding_dimension:
+            raise ValueError(f"Calibration embeddings must have shape (n, {self.embedding_dimension}), got {tuple(x.shape)}.")
+        if x.shape[0] < 2:
+            raise ValueError("Calibration needs at least 2 embeddings (ideally hundreds).")
+        if method == "std":
+            offset = x.median(dim=0).values
+            half_range = std_multiplier * x.std(dim=0)
+        elif method == "minmax":
+            low, high = x.min(dim=0).values, x.max(dim=0).values
+            offset, half_range = (low + high) / 2, (high - low) / 2
+        else:
+            raise ValueError(f"Unknown calibration method {method!r}; expected 'std' or 'minmax'.")
+        # A constant dimension has no range: give it unit scale so it maps to the middle bucket, not an edge.
+        half_range = torch.where(half_range > 1e-12, half_range, torch.ones_like(half_range))
+        self.offset.copy_(offset.to(self.offset.dtype))
+        self.log_scale.copy_(half_range.log().to(self.log_scale.dtype))
+        self.calibrated = True
+        return self
+
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: np.ndarray | Tensor,
+        precisions: tuple[int, ...] | list[int] = BITS,
+        binary_threshold: BinaryThreshold = "offset",
+        method: CalibrationMethod = "std",
+        std_multiplier: float = 2.0,
+    ) -> MultiPrecisionQuantizer:
+        """A new quantizer calibrated on ``embeddings`` (see :meth:`calibrate`)."""
+        embeddings = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, Tensor) else embeddings)
+        if embeddings.ndim != 2:
+            raise ValueError(f"Calibration embeddings must be 2-D (n, dim), got shape {embeddings.shape}.")
+        quantizer = cls(embeddings.shape[1], precisions=precisions, binary_threshold=binary_threshold)
+        return quantizer.calibrate(embeddings, method=method, std_multiplier=std_multiplier)
+
+    # ---- inference -----------------------------------------------------------------------------------------------
+    def quantize(self, embeddings: np.ndarray | Tensor, bits: int | str) -> QuantizedEmbeddings:
+        """Packed codes of float embeddings (the module's input) at ``bits`` with the stored ranges.
+
+        Raises:
+            ValueError: If ``bits`` is not one this quantizer serves, or the shape / values are wrong.
+        """
+        bits = resolve_bits(bits)
+        if bits not in self.precisions:
+            raise ValueError(f"This quantizer serves {self.precisions} bits, not {bits}.")
+        if isinstance(embeddings, Tensor):
+            embeddings = embeddings.detach().float().cpu().numpy()
+        x = np.asarray(embeddings)
+        if x.dtype.kind != "f":
+            raise TypeError(f"Embeddings to quantize must be floating point, got {x.dtype}.")
+        if x.ndim != 2 or x.shape[1] != self.embedding_dimension:
+            raise ValueError(f"Embeddings must have shape (n, {self.embedding_dimension}), got {x.shape}.")
+        if bits == 16:
+            return QuantizedEmbeddings(x.astype(np.float16), 16, self.embedding_dimension)
+        with torch.no_grad():
+            offset = self.offset.detach().double().cpu().numpy()
+            scale = self.scale.detach().double().cpu().numpy()
+        x = x.astype(np.float64)
+        z = (x - offset) / scale
+        if bits == 1:
+            positive = x > 0 if self.binary_threshold == "zero" else z >= 0
+            return QuantizedEmbeddings.from_codes(positive.astype(np.uint8), 1)
+        return QuantizedEmbeddings.from_codes(codes_from_normalized(z, bits), bits)
+
+    def get_embedding_dimension(self) -> int:
+        return self.embedding_dimension
+
+    # ---- persistence ---------------------------------------------------------------------------------------------
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+        # Always safetensors: the ranges are two small tensors, never pickled.
+        tensors = {"offset": self.offset.detach().cpu().contiguous(), "log_scale": self.log_scale.detach().cpu().contiguous()}
+        save_safetensors_file(tensors, os.path.join(output_path, WEIGHTS_NAME))
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        **kwargs,
+    ) -> MultiPrecisionQuantizer:
+        hub_kwargs = {
+            "subfolder": subfolder,
+            "token": token,
+            "cache_folder": cache_folder,
+            "revision": revision,
+            "local_files_only": local_files_only,
+        }
+        config = cls.load_config(model_name_or_path, **hub_kwargs)
+        module = cls(**config)
+        weights_path = cls.load_file_path(model_name_or_path, filename=WEIGHTS_NAME, **hub_kwargs)
+        if weights_path is None:
+            raise FileNotFoundError(f"No {WEIGHTS_NAME} for the MultiPrecisionQuantizer in {model_name_or_path}/{subfolder}.")
+        state = load_safetensors_file(weights_path)
+        missing = {"offset", "log_scale"} - set(state)
+        if missing:
+            raise ValueError(f"MultiPrecisionQuantizer weights in {weights_path} lack {sorted(missing)}.")
+        for name in ("offset", "log_scale"):
+            if tuple(state[name].shape) != (module.embedding_dimension,):
+                raise ValueError(
+                    f"MultiPrecisionQuantizer {name} has shape {tuple(state[name].shape)}, "
+                    f"expected ({module.embedding_dimension},)."
+                )
+        module.load_state_dict({k: state[k] for k in ("offset", "log_scale")})
+        return module

@@ -1,0 +1,159 @@
+"""The frozen full-precision teacher used by the distillation losses.
+
+The teacher is the same backbone before BitNet conversion (optionally first fine-tuned as an embedder).
+It shares the student's tokenizer, so the student's tokenized batch is fed to it unchanged: no second
+tokenization, and token positions line up for the attention-relation loss.
+
+:class:`FrozenTeacher` is deliberately *not* an ``nn.Module``: the trainer moves losses to the student's
+device and collects parameters from modules, and the teacher must stay out of both (it may live on
+another device, and it is never trained).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+# A probe that exercises casing, accents, digits, punctuation and sub-word splits.
+_TOKENIZER_PROBE = "Ternary weights: 1.58 bits! Héllo, naïve café; query: what's BitNet? 42 tokenizers."
+
+
+class TokenizerMismatchError(ValueError):
+    """The teacher does not tokenize text like the student, so token-level distillation is meaningless."""
+
+
+def _tokenizer_of(model):
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        first = model[0] if hasattr(model, "__getitem__") else None
+        tokenizer = getattr(first, "processor", None) or getattr(first, "tokenizer", None)
+    return tokenizer
+
+
+def check_same_tokenizer(student, teacher) -> None:
+    """Raise :class:`TokenizerMismatchError` unless ``student`` and ``teacher`` tokenize text identically.
+
+    Compares vocabulary size, the vocabulary itself, the special-token ids and the ids of a probe sentence.
+    """
+    s_tok, t_tok = _tokenizer_of(student), _tokenizer_of(teacher)
+    if s_tok is None or t_tok is None:
+        raise TokenizerMismatchError("could not find a tokenizer on the student or the teacher to compare")
+    problems = []
+    if len(s_tok) != len(t_tok):
+        problems.append(f"vocabulary sizes differ ({len(s_tok)} vs {len(t_tok)})")
+    elif s_tok.get_vocab() != t_tok.get_vocab():
+        problems.append("vocabularies differ")
+    for attr in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(s_tok, attr, None) != getattr(t_tok, attr, None):
+            problems.append(f"{attr} differs ({getattr(s_tok, attr, None)} vs {getattr(t_tok, attr, None)})")
+    if not problems:
+        s_ids = s_tok(_TOKENIZER_PROBE)["input_ids"]
+        t_ids = t_tok(_TOKENIZER_PROBE)["input_ids"]
+        if list(s_ids) != list(t_ids):
+            problems.append("the same text tokenizes to different ids")
+    if problems:
+        raise TokenizerMismatchError(
+            "the teacher's tokenizer differs from the student's: "
+            + "; ".join(problems)
+            + ". Distillation feeds the student's token ids to the teacher (and the attention-relation loss "
+            "compares token positions), so the teacher must be the same backbone family with the same tokenizer."
+        )
+
+
+class FrozenTeacher:
+    """A frozen, no-grad SentenceTransformer teacher, optionally on its own device.
+
+    Args:
+        model: a ``SentenceTransformer`` or a path / Hub id to load as one (unconverted, full precision).
+        device: where the teacher runs (e.g. ``"cuda:1"`` to keep it off the student's GPU); defaults to
+            the model's current device. Inputs are moved there and outputs moved back.
+        dtype: optional dtype to cast the teacher to (e.g. ``torch.bfloat16`` to halve its memory).
+        student: if given, the tokenizers are compared at once (:func:`check_same_tokenizer`).
+
+    Example::
+
+        from sentence_transformers import SentenceTransformer
+        import st_bitnet
+        from st_bitnet.teacher import FrozenTeacher
+
+        student = st_bitnet.convert(SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2"))
+        teacher = FrozenTeacher("sentence-transformers/all-MiniLM-L6-v2", student=student)
+    """
+
+    def __init__(self, model, device: str | torch.device | None = None, dtype: torch.dtype | None = None, student=None):
+        if isinstance(model, (str, os.PathLike)):
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(model), device=str(device) if device is not None else None)
+        if not hasattr(model, "forward"):
+            raise TypeError(f"the teacher must be a SentenceTransformer or a path, got {type(model).__name__}")
+        if any(type(m).__name__ == "BitLinear" for m in model.modules()):
+            raise ValueError("the teacher is a converted BitNet model: distill from the full-precision backbone")
+        if device is not None:
+            model.to(device)
+        if dtype is not None:
+            model.to(dtype)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        if student is not None:
+            check_same_tokenizer(student, model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _move(self, features: dict) -> dict:
+        device = self.device
+        return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in features.items()}
+
+    @torch.no_grad()
+    def forward(self, features: dict) -> dict:
+        """The teacher's output dict for an already tokenized batch (inputs are not modified)."""
+        out = self.model(self._move(dict(features)))
+        return out
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def embed(self, features: dict, device: torch.device | None = None) -> Tensor:
+        """Sentence embeddings for a tokenized batch, as float32 on ``device`` (default: the inputs' device)."""
+        if device is None:
+            device = next((v.device for v in features.values() if isinstance(v, Tensor)), self.device)
+        return self.forward(features)["sentence_embedding"].float().to(device)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64, **kwargs) -> Tensor:
+        return self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, **kwargs).float()
+
+
+def precompute_teacher_scores(
+    dataset,
+    teacher: FrozenTeacher,
+    columns: Iterable[str] | None = None,
+    batch_size: int = 64,
+    label_column: str = "label",
+):
+    """Add the teacher's per-row similarity scores to a ``datasets.Dataset`` (query column first).
+
+    Each row gets ``label = [sim(query, candidate_1), ..., sim(query, candidate_n)]`` from the teacher, the
+    format :class:`~st_bitnet.losses.SimilarityDistributionDistillationLoss` reads when it has no live
+    teacher. Precomputed scores only cover each row's own candidates (the batch composition is unknown in
+    advance); a live teacher also scores the in-batch negatives.
+    """
+    columns = list(columns) if columns is not None else [c for c in dataset.column_names if c != label_column]
+    if len(columns) < 2:
+        raise ValueError(f"need a query column and at least one candidate column, got {columns}")
+    similarity = teacher.model.similarity_pairwise
+
+    def add_scores(batch):
+        query = teacher.encode(batch[columns[0]], batch_size=batch_size)
+        scores = [similarity(query, teacher.encode(batch[c], batch_size=batch_size)) for c in columns[1:]]
+        return {label_column: torch.stack(scores, dim=1).cpu().tolist()}
+
+    if label_column in dataset.column_names:
+        dataset = dataset.remove_columns(label_column)
+    return dataset.map(add_scores, batched=True, batch_size=1024)

