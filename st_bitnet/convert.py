@@ -31,7 +31,7 @@ def _backbone_eps(config) -> float:
     return 1e-6
 
 
-def _find_transformer_modules(st_model) -> list:
+def find_transformer_modules(st_model) -> list:
     """The sentence-transformers modules that hold a transformers model."""
     found = []
     for module in st_model.modules():
@@ -98,7 +98,7 @@ def convert(
         raise TypeError(f"load arguments {sorted(load_kwargs)} only apply when converting from a path")
 
     if _is_sentence_transformer(model_or_path):
-        modules = _find_transformer_modules(model_or_path)
+        modules = find_transformer_modules(model_or_path)
         if not modules:
             raise ValueError("this SentenceTransformer has no transformers-based module to convert")
         for module in modules:

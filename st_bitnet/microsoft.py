@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from .bitlinear import BitLinear
 from .config import BitNetConversionConfig
-from .convert import convert, pack
+from .convert import convert, find_transformer_modules, pack
 from .modeling_bitembed import BitEmbedModel
 
 _PROJ_NORM_RE = re.compile(r"^(?:model\.)?(.*\.(?:q|k|v|o|gate|up|down)_proj)\.norm\.weight$")
@@ -123,8 +123,7 @@ def load_microsoft_sentence_transformer(folder: str | Path, *, device: str | Non
     folder = Path(folder)
     if (folder / "modules.json").exists():
         st_model = SentenceTransformer(str(folder), device=device, **st_kwargs)
-        holders = [m for m in st_model.modules() if hasattr(m, "processor") and hasattr(getattr(m, "model", None), "config")]
-        holders[0].model = load_microsoft_model(folder)
+        find_transformer_modules(st_model)[0].model = load_microsoft_model(folder)
         return st_model.to(st_model.device)
     transformer = Transformer(str(folder))
     transformer.model = load_microsoft_model(folder)

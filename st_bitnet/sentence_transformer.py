@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import BitNetConversionConfig
-from .convert import convert, pack
+from .convert import convert, find_transformer_modules, pack
 
 DECODER_POOLING = "lasttoken"
 ENCODER_POOLING = "mean"
@@ -136,12 +136,7 @@ def build_sentence_transformer(
 
 def transformers_models(st_model) -> list:
     """The transformers models inside a SentenceTransformer."""
-    out = []
-    for module in st_model.modules():
-        inner = getattr(module, "model", None)
-        if inner is not None and hasattr(inner, "config") and hasattr(inner, "save_pretrained"):
-            out.append(inner)
-    return out
+    return [module.model for module in find_transformer_modules(st_model)]
 
 
 def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = True, **card_kwargs) -> Path:
