@@ -46,15 +46,19 @@ def minilm_path() -> str:
     return str(get_model_path())
 
 
-def embed(model, texts: list[str], cache: Path, tag: str, batch_size: int) -> np.ndarray:
-    key = hashlib.sha1(("\n".join(texts) + tag).encode()).hexdigest()[:16]
-    path = cache / f"{tag}_{key}.npy"
-    if path.exists():
-        return np.load(path)
-    embeddings = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+def embed(model, texts: list[str], cache: Path, tag: str, batch_size: int, chunk: int = 512) -> np.ndarray:
+    """Float embeddings, cached per chunk so an interrupted run (slow shared CPU) resumes where it stopped."""
     cache.mkdir(parents=True, exist_ok=True)
-    np.save(path, embeddings)
-    return embeddings
+    parts = []
+    for start in range(0, len(texts), chunk):
+        block = texts[start : start + chunk]
+        key = hashlib.sha1(("\n".join(block) + tag).encode()).hexdigest()[:16]
+        path = cache / f"{tag}_{key}.npy"
+        if not path.exists():
+            np.save(path, model.encode(block, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
+            print(f"embedded {min(start + chunk, len(texts))}/{len(texts)} ({tag})", flush=True)
+        parts.append(np.load(path))
+    return np.concatenate(parts)
 
 
 def metrics(results: list[list[dict]], query_ids: list[str], doc_ids: list[str], qrels, k: int = 10) -> dict:
@@ -175,7 +179,7 @@ def main() -> None:
     record("1-bit faiss -> 16-bit rescore x10", run16, bytes_per_vector(dim, 1) + bytes_per_vector(dim, 16), rescore="16-bit")
 
     # sentence-transformers' own post-hoc search helpers (ranges re-measured per call; float query rescoring).
-    from sentence_transformers.util import quantize_embeddings, semantic_search_faiss, semantic_search_usearch
+    from sentence_transformers.util.quantization import quantize_embeddings, semantic_search_faiss, semantic_search_usearch
 
     ubinary = quantize_embeddings(doc_float, "ubinary")
     record(

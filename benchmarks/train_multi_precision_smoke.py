@@ -36,7 +36,6 @@ from st_bitnet.multi_precision import (
     BITS,
     MultiPrecisionQuantizer,
     QuantizationAwarePooling,
-    embed_at_bits,
     posthoc_quantizer,
 )
 
