@@ -7,6 +7,7 @@ kernels load on first use on a CUDA tensor, the CPU kernel compiles on first use
 """
 
 from .bitlinear import BitLinear, BitRMSNorm, pack_ternary, unpack_ternary, ternary_linear_reference
+from .calibration import calibrate_norms
 from .config import BitNetConversionConfig
 from .convert import convert, pack
 from .hf_integration import register as _register_with_transformers
@@ -27,6 +28,7 @@ __all__ = [
     "BitRMSNorm",
     "BitNetConversionConfig",
     "build_sentence_transformer",
+    "calibrate_norms",
     "convert",
     "load",
     "save_pretrained",

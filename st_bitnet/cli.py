@@ -137,7 +137,12 @@ def cmd_demo(args) -> int:
     fp = teacher.encode(DEMO_SENTENCES, convert_to_numpy=True)
     from .convert import convert
 
-    student = convert(teacher, _conversion_config(args))  # in place: the FP embeddings are already computed
+    config = _conversion_config(args)
+    student = convert(teacher, config)  # in place: the FP embeddings are already computed
+    if config.norm != "none":
+        from .calibration import calibrate_norms
+
+        calibrate_norms(student, DEMO_SENTENCES)  # fit the added norms so the untrained model stays close
     from .sentence_transformer import save_pretrained
 
     out = save_pretrained(student, args.output)

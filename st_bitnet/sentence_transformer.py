@@ -87,6 +87,7 @@ def build_sentence_transformer(
     max_seq_length: int | None = None,
     prompts: dict[str, str] | None = None,
     convert_model: bool = True,
+    calibration_sentences: list[str] | None = None,
     gguf_file: str | None = None,
     model_kwargs: dict | None = None,
     device: str | None = None,
@@ -101,6 +102,8 @@ def build_sentence_transformer(
         max_seq_length: truncation length.
         prompts: sentence-transformers prompts, e.g. ``{"query": "Instruct: ...\\nQuery: "}``.
         convert_model: ``False`` builds the full-precision embedder (a teacher) from the same backbone.
+        calibration_sentences: fit the added norms on these texts (:func:`st_bitnet.calibrate_norms`); without
+            them the norms start at ones, which changes a pretrained backbone's function a lot.
         gguf_file: load the backbone from this GGUF file inside ``model_name_or_path`` (transformers dequantizes
             it once; see :func:`materialize_gguf`).
         model_kwargs: extra ``from_pretrained`` arguments for the backbone.
@@ -131,6 +134,10 @@ def build_sentence_transformer(
     st_model = SentenceTransformer(modules=modules, prompts=prompts, device=device)
     if convert_model:
         convert(st_model, config)
+        if calibration_sentences and (config is None or config.norm != "none"):
+            from .calibration import calibrate_norms
+
+            calibrate_norms(st_model, calibration_sentences)
     return st_model
 
 

@@ -28,7 +28,7 @@ from .datasets import DatasetSpec, check_spec
 
 TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", "prompts", "loss", "training",
                   "evaluation", "resume_from_checkpoint", "description"}  # fmt: skip
-MODEL_KEYS = {"path", "convert", "conversion", "max_seq_length", "lora", "pack", "device"}
+MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device"}
 TEACHER_KEYS = {"path", "device", "dtype"}
 # Loss types that read a teacher (live, or to precompute scores).
 TEACHER_LOSSES = {"SimilarityDistributionDistillationLoss", "AttentionRelationDistillationLoss"}

@@ -43,8 +43,12 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def load_student(recipe: Recipe):
-    """The student SentenceTransformer: loaded, BitNet-converted (``model.convert``), optionally with LoRA."""
+def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None):
+    """The student SentenceTransformer: loaded, BitNet-converted (``model.convert``), optionally with LoRA.
+
+    With norms in the conversion, their weights are fitted on ``model.calibrate_norms`` training sentences
+    (default 64; 0 keeps them at ones), see :func:`st_bitnet.calibration.calibrate_norms`.
+    """
     from sentence_transformers import SentenceTransformer
 
     spec = recipe.model
@@ -54,7 +58,13 @@ def load_student(recipe: Recipe):
     if spec.get("convert", True):
         import st_bitnet
 
-        st_bitnet.convert(model, st_bitnet.BitNetConversionConfig(**(spec.get("conversion") or {})))
+        conversion = st_bitnet.BitNetConversionConfig(**(spec.get("conversion") or {}))
+        st_bitnet.convert(model, conversion)
+        n_calibration = int(spec.get("calibrate_norms", 64))
+        if conversion.norm != "none" and n_calibration > 0 and calibration_sentences:
+            from st_bitnet.calibration import calibrate_norms
+
+            calibrate_norms(model, calibration_sentences[:n_calibration])
     elif spec.get("conversion"):
         raise RecipeError("model.conversion is set but model.convert is false")
     if spec.get("lora"):
@@ -195,6 +205,15 @@ def _precompute_scores(recipe: Recipe, datasets, teacher):
     return precompute_teacher_scores(datasets, teacher)
 
 
+def _calibration_sentences(dataset, limit: int = 256) -> list[str]:
+    """Texts of the first column of the training data (datasets.Dataset or a DatasetDict of them)."""
+    from datasets import DatasetDict
+
+    first = dataset[next(iter(dataset))] if isinstance(dataset, DatasetDict) else dataset
+    column = first.column_names[0]
+    return [t for t in first.select(range(min(limit, len(first))))[column] if isinstance(t, str) and t.strip()]
+
+
 def build_trainer(recipe: Recipe, extra_callbacks: list | None = None):
     """Everything the recipe describes, wired into a ``SentenceTransformerTrainer`` (not started)."""
     from sentence_transformers import SentenceTransformerTrainer
@@ -202,7 +221,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None):
 
     set_seed(recipe.seed)
     train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)  # data errors before model loading
-    student = load_student(recipe)
+    student = load_student(recipe, _calibration_sentences(train_dataset))
     teacher = load_teacher(recipe, student)
     train_dataset = _precompute_scores(recipe, train_dataset, teacher)
     loss = build_loss(recipe, student, teacher)
