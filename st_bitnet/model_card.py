@@ -34,9 +34,17 @@ PRECISIONS = (32, 16, 8, 4, 2, 1)
 
 
 def template_path() -> Path:
-    """The card template: ``st_bitnet/model_cards/`` when installed as package data, else ``<repo>/model_cards/``."""
+    """The card template: ``<repo>/model_cards/`` (source checkouts, editable installs), else the copy a wheel
+    installs under ``<prefix>/share/st_bitnet/model_cards/``."""
+    import sys
+
     here = Path(__file__).resolve().parent
-    for candidate in (here / "model_cards" / TEMPLATE_NAME, here.parent / "model_cards" / TEMPLATE_NAME):
+    candidates = (
+        here / "model_cards" / TEMPLATE_NAME,
+        here.parent / "model_cards" / TEMPLATE_NAME,
+        Path(sys.prefix) / "share" / "st_bitnet" / "model_cards" / TEMPLATE_NAME,
+    )
+    for candidate in candidates:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(f"Model card template {TEMPLATE_NAME} not found next to st_bitnet or in <repo>/model_cards/.")

@@ -76,6 +76,22 @@ def test_one_bit_really_is_one_bit():
     assert not np.array_equal(one_bit, floats)
 
 
+def test_precision_encoder_returns_unit_vectors_at_every_precision():
+    """Dequantized codes have a precision-dependent scale; the encoder must hide it (classification is scale-sensitive)."""
+    from torch.utils.data import DataLoader
+
+    from st_bitnet.multi_precision import posthoc_quantizer
+
+    model = CountingModel(dim=32)
+    texts = [f"t{i}" for i in range(64)]
+    cache = EmbeddingCache(model, show_progress_bar=False)
+    quantizer = posthoc_quantizer(cache.get(texts))
+    loader = DataLoader([{"text": t} for t in texts], batch_size=16)
+    for bits in (32, 16, 8, 4, 2, 1):
+        out = PrecisionEncoder(cache, bits, quantizer=quantizer).encode(loader, hf_split="dev", hf_subset="default")
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
 def test_precision_encoder_reads_mteb_batches():
     from torch.utils.data import DataLoader
 

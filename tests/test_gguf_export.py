@@ -150,3 +150,21 @@ def test_export_refuses_unpacked_or_unsupported(tmp_path):
     with pytest.raises(ValueError, match="no decoder stack|supports"):
         export_gguf(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=64, vocab_size=50)), tmp_path / "x.gguf")
+
+
+def test_cli_exports_a_saved_folder(packed_qwen3, tmp_path):
+    """`st-bitnet export-gguf FOLDER OUT.gguf` on a folder saved by st_bitnet gives the same I2_S weights."""
+    from st_bitnet.evaluation.cli import main
+    from st_bitnet.sentence_transformer import save_pretrained
+
+    folder = save_pretrained(packed_qwen3, tmp_path / "saved", model_card=False)
+    out = tmp_path / "from-folder.gguf"
+    assert main(["export-gguf", str(folder), str(out), "--name", "tiny"]) == 0
+    direct = export_gguf(packed_qwen3, tmp_path / "direct.gguf", name="tiny")
+    with gguf_knows_i2_s():
+        a, b = gguf.GGUFReader(str(out)), gguf.GGUFReader(str(direct))
+        ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+        assert set(ta) == set(tb)
+        for name in ("blk.1.ffn_down.weight", "blk.0.attn_v.weight"):
+            np.testing.assert_array_equal(read_i2_s_tensor(a, ta[name])[0], read_i2_s_tensor(b, tb[name])[0])
+        assert a.fields["general.name"].contents() == "tiny"

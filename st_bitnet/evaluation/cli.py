@@ -24,6 +24,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         source=args.source,
         device=args.device,
         model_name=args.name,
+        teacher_name=args.teacher_name,
         plots=not args.no_plots,
     )
     print(format_table(result))
@@ -64,6 +65,7 @@ def add_subparser(subparsers) -> None:
                           help="task data: local files, the Hub by name, or local when available (default)")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--name", default=None, help="model name shown in table and plots")
+    evaluate.add_argument("--teacher-name", default=None, help="teacher name shown in table and plots")
     evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     evaluate.set_defaults(func=_run_eval)
 

@@ -143,6 +143,12 @@ def calibration_quantizer(model: Any, cache: EmbeddingCache, calibration_texts: 
     return posthoc_quantizer(cache.get(list(calibration_texts)))
 
 
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
 def _make_mteb_model_meta(name: str, embed_dim: int | None):
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
@@ -160,7 +166,9 @@ def _abs_encoder_base():
 class PrecisionEncoder(_abs_encoder_base()):
     """mteb encoder (``EncoderProtocol``) that returns a model's embeddings at ``bits`` per dimension.
 
-    Similarity is cosine on the dequantized float32 vectors, the quantity a low-bit index approximates.
+    Similarity is cosine on the dequantized float32 vectors, the quantity a low-bit index approximates. Vectors are
+    returned L2-normalised, so scale-sensitive evaluators (mteb's regularised logistic regression) compare
+    precisions rather than the scale each precision's dequantized codes happen to have.
 
     Args:
         cache: the :class:`EmbeddingCache` of the model (shared across precisions).
@@ -198,4 +206,8 @@ class PrecisionEncoder(_abs_encoder_base()):
         texts = [text for batch in inputs for text in batch["text"]]
         prompt = None if prompt_type is None else getattr(prompt_type, "value", str(prompt_type))
         floats = self.cache.get(texts, prompt)
-        return quantize_from_float(self.model, texts, floats, self.bits, quantizer=self.quantizer)
+        vectors = quantize_from_float(self.model, texts, floats, self.bits, quantizer=self.quantizer)
+        # Dequantized codes live on a per-precision scale (unit vectors at 16 bit, ~7x at 8 bit, ~20x at 1 bit).
+        # Cosine scores ignore it, but mteb's logistic-regression classifier is regularised (C=1) and would score
+        # the scale, not the precision: compare every precision on unit vectors.
+        return normalize_rows(vectors)

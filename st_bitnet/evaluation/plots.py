@@ -77,7 +77,7 @@ def plot_tradeoff(result: dict[str, Any], path: str | os.PathLike, title: str | 
     ax.xaxis.set_minor_locator(_null_locator())
     ax.margins(x=0.08, y=0.18)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     ax.set_title(title or "Quality vs storage per output precision", fontsize=11)
     fig.tight_layout()
     path = Path(path)

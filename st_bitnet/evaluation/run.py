@@ -16,6 +16,8 @@ from .tasks import prepare_tasks
 
 logger = logging.getLogger(__name__)
 
+GENERIC_FOLDER_NAMES = {"model", "models", "checkpoint", "final", "output", "snapshot"}
+
 
 def load_model(model: Any, device: str | None = None):
     """A SentenceTransformer from an instance, a local folder or a Hub id (any st_bitnet / Microsoft / stock format)."""
@@ -30,7 +32,11 @@ def _display_name(model: Any, given: str | None) -> str:
     if given:
         return given
     if isinstance(model, (str, os.PathLike)):
-        return Path(str(model).rstrip("/")).name or str(model)
+        path = Path(str(model).rstrip("/"))
+        # Folders named like "model" say nothing: show "<parent>/<name>" instead.
+        if path.name.lower() in GENERIC_FOLDER_NAMES and path.parent.name:
+            return f"{path.parent.name}/{path.name}"
+        return path.name or str(model)
     card_name = getattr(getattr(model, "model_card_data", None), "model_name", None)
     return card_name or type(model).__name__
 
