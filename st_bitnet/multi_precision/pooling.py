@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file as load_safetensors_file
-from safetensors.torch import save_file as save_safetensors_file
 from torch import Tensor, nn
 
 from sentence_transformers.sentence_transformer.modules import Pooling
 
+from .module_io import load_module, save_module
+
 Normalization = Literal["rms", "layer", "none"]
 
-WEIGHTS_NAME = "model.safetensors"
 
 # sentence-transformers < 5 and GGUF converters (llama.cpp / bitnet.cpp's convert-hf-to-gguf) read these booleans.
 LEGACY_POOLING_KEYS: dict[str, str] = {
@@ -118,10 +116,7 @@ class QuantizationAwarePooling(Pooling):
         return config
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.save_config(output_path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if state:
-            save_safetensors_file(state, os.path.join(output_path, WEIGHTS_NAME))
+        save_module(self, output_path)
 
     @classmethod
     def load(
@@ -134,18 +129,7 @@ class QuantizationAwarePooling(Pooling):
         local_files_only: bool = False,
         **kwargs,
     ) -> QuantizationAwarePooling:
-        hub_kwargs = {
-            "subfolder": subfolder,
-            "token": token,
-            "cache_folder": cache_folder,
-            "revision": revision,
-            "local_files_only": local_files_only,
-        }
-        module = cls(**cls.load_config(model_name_or_path, **hub_kwargs))
-        expected = module.state_dict()
-        if expected:
-            weights_path = cls.load_file_path(model_name_or_path, filename=WEIGHTS_NAME, **hub_kwargs)
-            if weights_path is None:
-                raise FileNotFoundError(f"No {WEIGHTS_NAME} for QuantizationAwarePooling in {model_name_or_path}/{subfolder}.")
-            module.load_state_dict(load_safetensors_file(weights_path), strict=True)
+        module, state = load_module(cls, model_name_or_path, subfolder, token, cache_folder, revision, local_files_only)
+        if state is not None:
+            module.load_state_dict(state, strict=True)
         return module

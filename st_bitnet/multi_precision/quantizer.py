@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file as load_safetensors_file
-from safetensors.torch import save_file as save_safetensors_file
 from torch import Tensor, nn
 
 from sentence_transformers.sentence_transformer.modules import Module
 
+from .module_io import load_module, save_module
 from .packing import codes_from_normalized
 from .precision import BITS, resolve_bits
 from .quantized_embeddings import QuantizedEmbeddings
@@ -20,7 +18,6 @@ from .quantized_embeddings import QuantizedEmbeddings
 BinaryThreshold = Literal["offset", "zero"]
 CalibrationMethod = Literal["std", "minmax"]
 
-WEIGHTS_NAME = "model.safetensors"
 
 
 class MultiPrecisionQuantizer(Module):
@@ -222,10 +219,8 @@ class MultiPrecisionQuantizer(Module):
 
     # ---- persistence ---------------------------------------------------------------------------------------------
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.save_config(output_path)
         # Always safetensors: the ranges are two small tensors, never pickled.
-        tensors = {"offset": self.offset.detach().cpu().contiguous(), "log_scale": self.log_scale.detach().cpu().contiguous()}
-        save_safetensors_file(tensors, os.path.join(output_path, WEIGHTS_NAME))
+        save_module(self, output_path)
 
     @classmethod
     def load(
@@ -238,19 +233,8 @@ class MultiPrecisionQuantizer(Module):
         local_files_only: bool = False,
         **kwargs,
     ) -> MultiPrecisionQuantizer:
-        hub_kwargs = {
-            "subfolder": subfolder,
-            "token": token,
-            "cache_folder": cache_folder,
-            "revision": revision,
-            "local_files_only": local_files_only,
-        }
-        config = cls.load_config(model_name_or_path, **hub_kwargs)
-        module = cls(**config)
-        weights_path = cls.load_file_path(model_name_or_path, filename=WEIGHTS_NAME, **hub_kwargs)
-        if weights_path is None:
-            raise FileNotFoundError(f"No {WEIGHTS_NAME} for the MultiPrecisionQuantizer in {model_name_or_path}/{subfolder}.")
-        state = load_safetensors_file(weights_path)
+        module, state = load_module(cls, model_name_or_path, subfolder, token, cache_folder, revision, local_files_only)
+        weights_path = f"{model_name_or_path}/{subfolder}"
         missing = {"offset", "log_scale"} - set(state)
         if missing:
             raise ValueError(f"MultiPrecisionQuantizer weights in {weights_path} lack {sorted(missing)}.")
