@@ -266,3 +266,20 @@ def test_teacher_with_a_different_tokenizer_is_refused(tiny_student, tmp_path):
     with pytest.raises(TokenizerMismatchError):
         AttentionRelationDistillationLoss(tiny_student, FrozenTeacher(other))
     check_same_tokenizer(tiny_student, copy.deepcopy(tiny_student))  # same tokenizer: no error
+
+
+def test_embedding_mse_distillation_matches_hand_computation_and_needs_a_live_teacher():
+    import torch
+
+    from st_bitnet.losses import EmbeddingMSEDistillationLoss
+    from st_bitnet.training.recipe import TEACHER_LOSSES
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    value = EmbeddingMSEDistillationLoss.compute_loss_from_embeddings(None, [a, b], [b, b])
+    assert torch.allclose(value, torch.tensor((2.0 + 0.0) / 2 / 2))  # column 1: rows 2 and 0 -> mean 1; column 2: 0
+    with torch.no_grad():
+        assert EmbeddingMSEDistillationLoss.compute_loss_from_embeddings(None, [a], [a]).item() == 0.0
+    with pytest.raises(ValueError, match="live teacher"):
+        EmbeddingMSEDistillationLoss.compute_loss_from_labels(None, [a, b], torch.zeros(2, 1))
+    assert "EmbeddingMSEDistillationLoss" in TEACHER_LOSSES

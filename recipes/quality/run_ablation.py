@@ -14,12 +14,10 @@ evaluation engineer's dev protocol (``st_bitnet.evaluation.run_evaluation``) at 
 Results: ``<output>/<row>/eval/results.json`` (the harness' JSON), ``<output>/rows.jsonl`` (one line per row:
 scores, minutes, steps, exact commands), ``<output>/table.md``.
 
-Two loss components used by the rows are not in ``st_bitnet.losses`` yet, so this script registers them there
-before any recipe is parsed (see notes/quality.md, "Bugs / gaps found"):
+The plain-distillation MSE is ``st_bitnet.losses.EmbeddingMSEDistillationLoss``. Two loss components used by the
+rows are not in ``st_bitnet.losses`` yet, so this script registers them there before any recipe is parsed (see
+notes/quality.md, "Bugs / gaps found"):
 
-* ``EmbeddingMSEDistillationLoss``: ``||student - teacher||^2`` of the sentence embeddings (the "MSE" of the
-  issue's plain distillation), with a live teacher (sentence-transformers' ``MSELoss`` needs precomputed labels
-  and cannot share ``WeightedCombinationLoss``' teacher pass).
 * ``PairSimilarityDistillationLoss``: the in-batch KL of plain distillation, over (anchor, positive) columns
   only, so a triplet batch's hard negatives do not enter it (they do in the next row's
   ``SimilarityDistributionDistillationLoss``).
@@ -82,18 +80,6 @@ def register_losses() -> None:
     from st_bitnet.losses import SimilarityDistributionDistillationLoss
     from st_bitnet.training import recipe as recipe_module
 
-    class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
-        """Squared L2 distance between student and teacher sentence embeddings, averaged over rows and columns.
-
-        Subclasses the similarity KD only so ``WeightedCombinationLoss`` hands it the shared teacher embeddings.
-        For unit-norm embeddings ``||s - t||^2 = 2 - 2 cos(s, t)``.
-        """
-
-        def compute_loss_from_embeddings(self, student_embeddings: list[Tensor], teacher_embeddings: list[Tensor]) -> Tensor:
-            terms = [(s.float() - t.detach().float().to(s.device)).pow(2).sum(-1).mean()
-                     for s, t in zip(student_embeddings, teacher_embeddings)]  # fmt: skip
-            return torch.stack(terms).mean()
-
     class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
         """In-batch KL over (anchor, positive) columns only: hard-negative columns are ignored."""
 
@@ -132,7 +118,7 @@ def register_losses() -> None:
                 terms.append(self.compute_loss_from_scores(self.candidate_scores(quantized), teacher_scores))
             return torch.stack(terms).mean()
 
-    for cls in (EmbeddingMSEDistillationLoss, PairSimilarityDistillationLoss, MultiPrecisionSimilarityDistillationLoss):
+    for cls in (PairSimilarityDistillationLoss, MultiPrecisionSimilarityDistillationLoss):
         cls.__module__ = __name__
         setattr(losses, cls.__name__, cls)
         recipe_module.TEACHER_LOSSES.add(cls.__name__)

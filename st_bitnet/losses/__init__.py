@@ -13,6 +13,7 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 
 from .attention_relation_distillation import AttentionRelationDistillationLoss
+from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
 from .qkv_capture import QKVCapture, find_qkv_projections
 from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
 from .weighted_combination import WeightedCombinationLoss
@@ -21,6 +22,7 @@ __all__ = [
     "AttentionRelationDistillationLoss",
     "CachedMultipleNegativesRankingLoss",
     "CoSENTLoss",
+    "EmbeddingMSEDistillationLoss",
     "MultipleNegativesRankingLoss",
     "QKVCapture",
     "SimilarityDistributionDistillationLoss",

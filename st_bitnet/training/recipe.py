@@ -31,7 +31,7 @@ TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", 
 MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device"}
 TEACHER_KEYS = {"path", "device", "dtype"}
 # Loss types that read a teacher (live, or to precompute scores).
-TEACHER_LOSSES = {"SimilarityDistributionDistillationLoss", "AttentionRelationDistillationLoss"}
+TEACHER_LOSSES = {"SimilarityDistributionDistillationLoss", "AttentionRelationDistillationLoss", "EmbeddingMSEDistillationLoss"}
 EVALUATION_SETS = ("stsb", "sick")
 
 
