@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from sentence_transformers.sentence_transformer.modules import Pooling
 
-from .module_io import load_module, save_module
+from .module_io import SafetensorsModuleIO
 
 Normalization = Literal["rms", "layer", "none"]
 
@@ -25,7 +25,7 @@ LEGACY_POOLING_KEYS: dict[str, str] = {
 }
 
 
-class QuantizationAwarePooling(Pooling):
+class QuantizationAwarePooling(SafetensorsModuleIO, Pooling):
     """sentence-transformers ``Pooling`` followed by a learned normalization that prepares the embedding for
     :class:`~st_bitnet.multi_precision.MultiPrecisionQuantizer`.
 
@@ -115,21 +115,3 @@ class QuantizationAwarePooling(Pooling):
         config.setdefault("embedding_dimension", word_dim)
         return config
 
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        save_module(self, output_path)
-
-    @classmethod
-    def load(
-        cls,
-        model_name_or_path: str,
-        subfolder: str = "",
-        token: bool | str | None = None,
-        cache_folder: str | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
-        **kwargs,
-    ) -> QuantizationAwarePooling:
-        module, state = load_module(cls, model_name_or_path, subfolder, token, cache_folder, revision, local_files_only)
-        if state is not None:
-            module.load_state_dict(state, strict=True)
-        return module

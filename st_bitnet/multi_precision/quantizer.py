@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sentence_transformers.sentence_transformer.modules import Module
 
-from .module_io import load_module, save_module
+from .module_io import SafetensorsModuleIO
 from .packing import codes_from_normalized
 from .precision import BITS, resolve_bits
 from .quantized_embeddings import QuantizedEmbeddings
@@ -20,7 +20,7 @@ CalibrationMethod = Literal["std", "minmax"]
 
 
 
-class MultiPrecisionQuantizer(Module):
+class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
     """Learned per-dimension quantizer of the sentence embedding, serving 16/8/4/2/1-bit outputs from one model.
 
     Each dimension ``i`` has an ``offset`` and a positive ``scale`` (stored as ``log_scale``). The embedding ``x`` is
@@ -218,31 +218,15 @@ class MultiPrecisionQuantizer(Module):
         return self.embedding_dimension
 
     # ---- persistence ---------------------------------------------------------------------------------------------
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        # Always safetensors: the ranges are two small tensors, never pickled.
-        save_module(self, output_path)
-
-    @classmethod
-    def load(
-        cls,
-        model_name_or_path: str,
-        subfolder: str = "",
-        token: bool | str | None = None,
-        cache_folder: str | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
-        **kwargs,
-    ) -> MultiPrecisionQuantizer:
-        module, state = load_module(cls, model_name_or_path, subfolder, token, cache_folder, revision, local_files_only)
-        weights_path = f"{model_name_or_path}/{subfolder}"
+    # Saved by SafetensorsModuleIO: always safetensors, the ranges are two small tensors, never pickled.
+    def load_saved_state(self, state: dict[str, Tensor], source: str) -> None:
         missing = {"offset", "log_scale"} - set(state)
         if missing:
-            raise ValueError(f"MultiPrecisionQuantizer weights in {weights_path} lack {sorted(missing)}.")
+            raise ValueError(f"MultiPrecisionQuantizer weights in {source} lack {sorted(missing)}.")
         for name in ("offset", "log_scale"):
-            if tuple(state[name].shape) != (module.embedding_dimension,):
+            if tuple(state[name].shape) != (self.embedding_dimension,):
                 raise ValueError(
                     f"MultiPrecisionQuantizer {name} has shape {tuple(state[name].shape)}, "
-                    f"expected ({module.embedding_dimension},)."
+                    f"expected ({self.embedding_dimension},)."
                 )
-        module.load_state_dict({k: state[k] for k in ("offset", "log_scale")})
-        return module
+        self.load_state_dict({k: state[k] for k in ("offset", "log_scale")})
