@@ -33,6 +33,16 @@ def _null_locator():
     return NullLocator()
 
 
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def _quantized_points(entry: dict[str, Any]) -> tuple[list[int], list[float]]:
     bits = sorted(int(b) for b in entry["average"] if int(b) != FULL_PRECISION_BITS)
     return bits, [entry["average"][str(b)] for b in bits]
@@ -79,12 +89,7 @@ def plot_tradeoff(result: dict[str, Any], path: str | os.PathLike, title: str | 
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     ax.set_title(title or "Quality vs storage per output precision", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def type_deltas(entry: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
@@ -131,9 +136,4 @@ def plot_sensitivity(result: dict[str, Any], path: str | os.PathLike, title: str
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="thick: task type mean",
               title_fontsize=8)
     ax.set_title(title or f"Per-task-type sensitivity to output precision: {model['name']}", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
