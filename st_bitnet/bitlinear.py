@@ -176,7 +176,11 @@ _PACKED_LINEAR_IMPL = None
 
 
 def set_packed_linear_impl(fn) -> None:
-    """Install ``fn(module, x) -> Tensor`` as the inference path of packed BitLinear layers (None: reference)."""
+    """Install ``fn(module, x) -> Tensor`` as the inference path of packed BitLinear layers (None: reference).
+
+    ``x`` is the RMS-normalized input, unless ``fn.applies_rms_norm`` is true: then ``fn`` receives the
+    raw input and applies ``module.rms_norm`` itself (kernels that fuse the norm into their quantization).
+    """
     global _PACKED_LINEAR_IMPL
     _PACKED_LINEAR_IMPL = fn
 
@@ -318,11 +322,15 @@ class BitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"BitLinear expected last dimension {self.in_features}, got input of shape {tuple(x.shape)}")
+        if self.is_packed:
+            impl = _PACKED_LINEAR_IMPL
+            if impl is not None and getattr(impl, "applies_rms_norm", False):
+                return impl(self, x)  # the kernel fuses the norm into its activation quantization
+            if self.rms_norm is not None:
+                x = self.rms_norm(x)
+            return (impl or packed_linear_reference)(self, x)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        if self.is_packed:
-            impl = _PACKED_LINEAR_IMPL or packed_linear_reference
-            return impl(self, x)
         return self._qat_forward(x)
 
     def _qat_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from st_bitnet.bitlinear import BitLinear, pack_ternary, set_packed_linear_impl, ternary_linear_reference
+from st_bitnet.bitlinear import BitLinear, BitRMSNorm, pack_ternary, set_packed_linear_impl, ternary_linear_reference
 from st_bitnet.ops import cpu_kernel, dispatch, register_kernels, set_kernel_mode
 from st_bitnet.ops.layouts import LAYOUTS, pack_tile16, to_layout, unpack_tile16
 
@@ -268,6 +268,96 @@ def test_cpu_kernel_threads_agree():
         torch.set_num_threads(old)
 
 
+# --------------------------------------------------------------------------------------------------
+# CPU kernel with BitLinear's RMSNorm fused into its quantization pass
+# --------------------------------------------------------------------------------------------------
+def test_torch_sum_order_replay_matches_torch():
+    # The fused norm recomputes mean(x**2) in C in torch's own summation order; it must equal torch's value
+    # bit for bit for every length (tails, cascade levels, one vs many threads), or the probe must refuse.
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    vw = cpu_kernel._probe_vec_width(lib)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert vw == 8  # ATen dispatches sum to its AVX2 kernel on AVX-512 machines too
+    if vw is None:
+        pytest.skip("torch's summation order is not replayed on this platform (torch computes the variance)")
+    g = torch.Generator().manual_seed(11)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for k in [*range(1, 140), 511, 640, 1024, 1536, 2048, 3072, 4097, 5120, 30000]:
+                x = torch.randn(4, k, generator=g) * 10 ** float(torch.empty(()).uniform_(-3, 3, generator=g))
+                got = torch.empty(4)
+                assert lib.st_mean_sq_f32(x.data_ptr(), 4, k, k, vw, got.data_ptr()) == 0
+                assert torch.equal(got, x.pow(2).mean(-1)), f"K={k}, {threads} threads"
+    finally:
+        torch.set_num_threads(old)
+
+
+def _normed_reference(x, norm_w, eps, w, ws, b):
+    norm = BitRMSNorm(x.shape[-1], eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(norm_w)
+    return ternary_linear_reference(norm(x), w, ws, b)
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("torch_variance", [False, True])
+def test_cpu_kernel_fused_norm_fuzz_bit_exact(variant, torch_variance, monkeypatch):
+    # RMSNorm + quantization + GEMM in one C pass == BitRMSNorm then the reference, bit for bit. Both ways of
+    # getting the variance: replayed in C (default) and handed over by torch (platforms without a replay).
+    lib = cpu_kernel.load_library(variant)
+    if lib is None:
+        pytest.skip(f"no C compiler for the {variant} CPU kernel")
+    if torch_variance:
+        monkeypatch.setitem(cpu_kernel._vec_widths, id(lib), None)
+    g = torch.Generator().manual_seed(21 + hash(variant) % 1000)
+    cases = 600 if variant == "native" and not torch_variance else 200
+    for i in range(cases):
+        m = int(torch.randint(0, 21, (1,), generator=g))
+        k = int(torch.randint(1, 200, (1,), generator=g))
+        n = int(torch.randint(1, 70, (1,), generator=g))
+        scale = float(10 ** torch.empty(1).uniform_(-3, 3, generator=g))
+        x, w, ws, b = _random_problem(g, m, k, n, bias=bool(i % 2), scale=scale)
+        norm_w = torch.randn(k, generator=g) * float(10 ** torch.empty(1).uniform_(-1, 1, generator=g))
+        if i % 4 == 0:
+            norm_w[: k // 3] = 0.0
+        eps = (1e-6, 1e-5, 0.3)[i % 3]
+        if m and i % 5 == 0:
+            x[0] *= 1e-8  # rms far below eps
+        if m and i % 7 == 0:
+            x[-1] = 0.0
+        got = cpu_kernel.run_tile16(lib, x, pack_tile16(w), ws, b, n, norm_w, eps)
+        want = _normed_reference(x, norm_w, eps, w, ws, b)
+        assert torch.equal(got, want), f"{variant}: mismatch at M={m} K={k} N={n} eps={eps} (case {i})"
+
+
+def test_cpu_kernel_fused_norm_real_shapes_and_long_rows():
+    # model-sized rows (several cascade levels of torch's sum) and K >= 32768, where torch's variance is used
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(12)
+    for m, k, n in ((70, 640, 40), (9, 3072, 33), (2, 2**15 + 3, 17)):
+        x, w, ws, b = _random_problem(g, m, k, n)
+        norm_w = torch.rand(k, generator=g) + 0.5
+        got = cpu_kernel.run_tile16(lib, x, pack_tile16(w), ws, b, n, norm_w, 1e-6)
+        assert torch.equal(got, _normed_reference(x, norm_w, 1e-6, w, ws, b)), (m, k, n)
+
+
+def test_cpu_kernel_fused_norm_rejects_other_dtypes():
+    lib = cpu_kernel.load_library()
+    if lib is None:
+        pytest.skip("no C compiler")
+    w = pack_tile16(torch.ones(4, 32, dtype=torch.int8))
+    with pytest.raises(ValueError, match="fused norm"):
+        cpu_kernel.run_tile16(lib, torch.randn(2, 32).bfloat16(), w, torch.ones(1), None, 4, torch.ones(32))
+    with pytest.raises(ValueError, match="fused norm"):
+        cpu_kernel.run_tile16(lib, torch.randn(2, 32), w, torch.ones(1), None, 4, torch.ones(31))
+
+
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_find_compiler", lambda: None)
     monkeypatch.setattr(cpu_kernel, "_libs", {})
@@ -351,18 +441,49 @@ def test_packed_bitlinear_bf16_and_compile():
     assert torch.equal(torch.compile(fresh, fullgraph=True, backend="aot_eager")(x), want)
 
 
+def test_packed_bitlinear_fused_norm_paths_match_reference(monkeypatch):
+    # The module path fuses the norm for float32 CPU inference and falls back to norm-then-op otherwise
+    # (bf16, inputs that need gradients, no norm); every path gives the reference's numbers.
+    layer = _packed_layer(k=96, n=40)
+    x = torch.randn(3, 7, 96)
+    want = _reference_forward(layer, x)
+    calls = []
+    real = cpu_kernel.run_tile16
+    def spy(*a, **kw):  # records the norm weight handed to the C call (None: unfused call through the op)
+        calls.append(a[6] if len(a) > 6 else None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cpu_kernel, "run_tile16", spy)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), want)
+    assert calls and calls[-1] is layer.rms_norm.weight  # fused: the norm weight went to the C call
+    strided = torch.randn(96, 21).t().reshape(3, 7, 96)  # non-contiguous view of the same shape
+    assert torch.equal(layer(strided), _reference_forward(layer, strided))
+    xg = x.clone().requires_grad_(True)
+    n_fused = sum(c is not None for c in calls)
+    assert torch.equal(layer(xg), want)  # needs autograd: unfused path (norm in torch, then the op)
+    assert sum(c is not None for c in calls) == n_fused and calls[-1] is None
+    # torch.compile traces the unfused path (norm in torch + the op) with the same numbers
+    assert torch.equal(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), want)
+    plain = BitLinear(96, 40, use_rms_norm=False).eval().pack_()
+    assert torch.equal(plain(x), _reference_forward(plain, x))
+    half = _packed_layer(k=96, n=40).to(torch.bfloat16)
+    xb = x.bfloat16()
+    assert torch.equal(half(xb), _reference_forward(half, xb))
+
+
 def test_register_kernels_is_idempotent_and_installs_hook():
     import st_bitnet.bitlinear as bl
 
     register_kernels()
     register_kernels()
-    assert bl._PACKED_LINEAR_IMPL is dispatch.packed_linear
+    assert bl._PACKED_LINEAR_IMPL is dispatch.packed_forward
     set_packed_linear_impl(None)
     try:
         import st_bitnet.ops as ops
 
         ops._registered = False
         register_kernels()
-        assert bl._PACKED_LINEAR_IMPL is dispatch.packed_linear
+        assert bl._PACKED_LINEAR_IMPL is dispatch.packed_forward
     finally:
         register_kernels()

@@ -4,7 +4,8 @@
 * :mod:`.cpu_kernel`: C kernel (AVX-512 VNNI / AVX2 / NEON dotprod / scalar, OpenMP), built with the
   system compiler at first use and cached; falls back to the reference with one warning.
 * :mod:`.cuda_kernel`: Triton kernels, imported at the first call on a CUDA tensor (never at import).
-* :mod:`.dispatch`: the packed-BitLinear forward (per-device weight layout cached on the module).
+* :mod:`.dispatch`: the packed-BitLinear forward (per-device weight layout cached on the module; on
+  CPU the layer's RMSNorm is fused into the kernel).
 
 Importing this package neither initialises CUDA nor imports Triton. ``register_kernels()`` (called by
 ``import st_bitnet``) is idempotent and only registers Python callables.
@@ -22,7 +23,7 @@ Example::
 from __future__ import annotations
 
 from . import cpu_kernel, cuda_kernel
-from .dispatch import kernel_mode, packed_linear, set_kernel_mode
+from .dispatch import kernel_mode, packed_forward, packed_linear, set_kernel_mode
 from .layouts import LAYOUTS, decode_weight, pack_tile16, to_layout, unpack_tile16
 from .ternary_linear import ternary_linear
 
@@ -30,7 +31,7 @@ _registered = False
 
 
 def register_kernels() -> None:
-    """Register the device kernels on the op and install :func:`packed_linear` as BitLinear's packed
+    """Register the device kernels on the op and install :func:`packed_forward` as BitLinear's packed
     forward. Idempotent and cheap (kernels build/compile lazily at their first call)."""
     global _registered
     if _registered:
@@ -39,7 +40,7 @@ def register_kernels() -> None:
 
     cpu_kernel.register()
     cuda_kernel.register()
-    set_packed_linear_impl(packed_linear)
+    set_packed_linear_impl(packed_forward)
     _registered = True
 
 
@@ -48,6 +49,7 @@ __all__ = [
     "decode_weight",
     "kernel_mode",
     "pack_tile16",
+    "packed_forward",
     "packed_linear",
     "register_kernels",
     "set_kernel_mode",

@@ -37,7 +37,7 @@ from .ternary_linear import check_inputs, reference_impl, ternary_linear
 from .weight_cache import WeightCache
 
 SOURCE = Path(__file__).with_name("ternary_linear_cpu.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 VARIANTS = ("native", "avx2", "scalar")
 
 _lock = threading.Lock()
@@ -136,19 +136,20 @@ def build_library(variant: str = "native") -> Path:
 
 def _bind(path: Path):
     lib = ctypes.CDLL(str(path))
-    i64, f32p, vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p
+    i64, f32, i32, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
     lib.st_isa.restype = ctypes.c_char_p
     lib.st_abi_version.restype = ctypes.c_int
     lib.st_has_openmp.restype = ctypes.c_int
-    lib.st_ternary_linear_f32.restype = ctypes.c_int
-    lib.st_ternary_linear_f32.argtypes = [
-        vp, i64, i64, i64, vp, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, vp, ctypes.c_int
-    ]
-    lib.st_quantize_f32.restype = ctypes.c_int
-    lib.st_quantize_f32.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp]
-    del f32p
     if lib.st_abi_version() != ABI_VERSION:
         raise RuntimeError(f"stale CPU kernel library at {path}")
+    lib.st_ternary_linear_f32.restype = ctypes.c_int
+    lib.st_ternary_linear_f32.argtypes = [
+        vp, i64, i64, i64, vp, f32, i32, vp, vp, i64, i64, f32, vp, vp, i64, vp, vp, vp, i32
+    ]
+    lib.st_quantize_f32.restype = ctypes.c_int
+    lib.st_quantize_f32.argtypes = [vp, i64, i64, i64, vp, f32, i32, vp, i64, vp, vp, vp]
+    lib.st_mean_sq_f32.restype = ctypes.c_int
+    lib.st_mean_sq_f32.argtypes = [vp, i64, i64, i64, i32, vp]
     return lib
 
 
@@ -195,11 +196,64 @@ def isa(variant: str | None = None) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Calling
 # --------------------------------------------------------------------------------------------------
-def run_tile16(lib, x: torch.Tensor, blob: torch.Tensor, weight_scale: torch.Tensor, bias, out_features: int):
-    """Run the library on a ``tile16`` blob; returns ``(..., N)`` in ``x.dtype``."""
+# torch splits a single row's sum over threads from this length on (TensorIterator's GRAIN_SIZE); the C
+# replay of its summation order is only used below it.
+_SUMSQ_MAX_K = 32768
+_vec_widths: dict[int, int | None] = {}  # id(lib) -> torch's summation width (None: replay unusable)
+
+
+def _probe_vec_width(lib) -> int | None:
+    """The lane count of torch's float sum (``Vectorized<float>::size()`` of the kernel ``sum`` dispatches
+    to: 8 with AVX2 *and* AVX-512, since ATen does not dispatch ``sum`` to AVX-512), found by comparing
+    the C replay of its summation order with ``x.pow(2).mean(-1)`` on awkward lengths. None when no
+    width reproduces torch exactly; the fused norm then takes torch's own variance (still exact)."""
+    key = id(lib)
+    if key not in _vec_widths:
+        g = torch.Generator().manual_seed(0)
+        lengths = [*range(1, 70), 127, 128, 129, 255, 257, 640, 1000, 1024, 2048, 3072, 4099, 16411]
+        scales = [10 ** float(torch.empty(()).uniform_(-4, 4, generator=g)) for _ in lengths]
+        rows = [torch.randn(3, k, generator=g) * c for k, c in zip(lengths, scales)]
+        found = None
+        for vw in (8, 16, 4, 32):
+            ok = True
+            for x in rows:
+                want = x.pow(2).mean(-1)
+                got = torch.empty(x.shape[0])
+                lib.st_mean_sq_f32(x.data_ptr(), x.shape[0], x.shape[1], x.shape[1], vw, got.data_ptr())
+                if not torch.equal(got, want):
+                    ok = False
+                    break
+            if ok:
+                found = vw
+                break
+        _vec_widths[key] = found
+    return _vec_widths[key]
+
+
+def run_tile16(
+    lib,
+    x: torch.Tensor,
+    blob: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias,
+    out_features: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+):
+    """Run the library on a ``tile16`` blob; returns ``(..., N)`` in ``x.dtype``.
+
+    With ``norm_weight`` (float32 ``x`` and weight only), the library first applies BitRMSNorm
+    (``norm_weight * (x * rsqrt(mean(x**2) + norm_eps))``, the arithmetic of
+    :class:`st_bitnet.bitlinear.BitRMSNorm`) in its quantization pass, bit for bit like the unfused
+    ``ternary_linear_reference(BitRMSNorm(x), ...)``.
+    """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32:
+    if norm_weight is not None:
+        if x2.dtype != torch.float32 or norm_weight.dtype != torch.float32 or norm_weight.numel() != k:
+            raise ValueError("run_tile16: a fused norm needs float32 x and a float32 norm weight of size in_features")
+        norm_weight = norm_weight.detach().contiguous()
+    elif x2.dtype != torch.float32:
         x2 = x2.float()  # exact for bf16/fp16; the reference rounds float64 the same way
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
@@ -214,8 +268,17 @@ def run_tile16(lib, x: torch.Tensor, blob: torch.Tensor, weight_scale: torch.Ten
         if bias is not None:
             b = bias.detach().to(torch.float32).contiguous()
         ws = float(weight_scale.detach().reshape(()).to(torch.float32))
+        nw_ptr, vw, var = None, 0, None
+        if norm_weight is not None:
+            nw_ptr = norm_weight.data_ptr()
+            vw = _probe_vec_width(lib) or 0
+            # torch's summation order also depends on the input's memory layout: the replay covers
+            # contiguous inputs; otherwise take torch's own variance of the original x (exact by definition)
+            if vw == 0 or k >= _SUMSQ_MAX_K or not x.is_contiguous():
+                var = x.pow(2).mean(-1).reshape(-1).contiguous()
         rc = lib.st_ternary_linear_f32(
-            x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, blob.data_ptr(), out_features, kp, ws,
+            x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, nw_ptr, float(norm_eps), vw,
+            None if var is None else var.data_ptr(), blob.data_ptr(), out_features, kp, ws,
             None if b is None else b.data_ptr(), y.data_ptr(), out_features, xq.data_ptr(), xs.data_ptr(),
             xsum.data_ptr(), torch.get_num_threads(),
         )
@@ -266,7 +329,7 @@ def register() -> None:
 
 def _self_test(lib) -> None:
     """Refuse a library that disagrees with the reference on a small awkward problem (miscompiles)."""
-    from ..bitlinear import ternary_linear_reference
+    from ..bitlinear import BitRMSNorm, ternary_linear_reference
 
     g = torch.Generator().manual_seed(0)
     for m, k, n in ((5, 70, 37), (9, 33, 18), (1, 16, 1)):
@@ -276,5 +339,10 @@ def _self_test(lib) -> None:
         bias = torch.randn(n, generator=g)
         got = run_tile16(lib, x, pack_tile16(w), ws, bias, n)
         want = ternary_linear_reference(x, w, ws, bias)
-        if not torch.equal(got, want):
+        norm = BitRMSNorm(k, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+            want_normed = ternary_linear_reference(norm(x), w, ws, bias)
+        got_normed = run_tile16(lib, x, pack_tile16(w), ws, bias, n, norm.weight, norm.variance_epsilon)
+        if not (torch.equal(got, want) and torch.equal(got_normed, want_normed)):
             raise RuntimeError(f"CPU kernel self-test failed ({lib.st_isa().decode()}, shape {m}x{k}x{n})")

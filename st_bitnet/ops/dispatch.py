@@ -10,6 +10,12 @@ weight tensor, e.g. after ``load_state_dict``, is detected too):
   ``packed2`` for small batches, where reading 8x fewer weight bytes wins. Choose with
   ``ST_BITNET_GPU_WEIGHTS=auto|int8|2bit`` (``auto`` keeps both; ``2bit`` saves memory).
 
+What BitLinear installs is :func:`packed_forward` (it receives the raw input and applies the layer's
+RMSNorm itself): on CPU, for float32, it calls the C library directly (no op dispatch) with the norm
+fused into the kernel's quantization pass, bit-identical to ``BitRMSNorm`` + the reference. Elsewhere
+(CUDA, other dtypes, ``torch.compile``, inputs that need gradients) it runs the norm in PyTorch and
+then :func:`packed_linear` (the op).
+
 Switches: ``ST_BITNET_KERNEL=reference`` (environment) or :func:`set_kernel_mode` forces the
 pure-PyTorch reference everywhere (same numbers, slower).
 """
@@ -20,6 +26,8 @@ import os
 
 import torch
 
+from . import cpu_kernel
+
 from ..bitlinear import packed_linear_reference, unpack_ternary
 from .layouts import pack_tile16
 
@@ -29,12 +37,18 @@ GPU_WEIGHT_MODES = ("auto", "int8", "2bit")
 GPU_INT8_MIN_TOKENS = 64
 
 _mode: str | None = None
+_env_cache: tuple[str | None, str] | None = None  # (raw $ST_BITNET_KERNEL, parsed mode)
 
 
 def _env_mode() -> str:
-    mode = os.environ.get("ST_BITNET_KERNEL", "auto").strip().lower() or "auto"
+    global _env_cache
+    raw = os.environ.get("ST_BITNET_KERNEL")
+    if _env_cache is not None and _env_cache[0] == raw:  # read on every forward: parse only on change
+        return _env_cache[1]
+    mode = (raw or "auto").strip().lower() or "auto"
     if mode not in KERNEL_MODES:
         raise ValueError(f"ST_BITNET_KERNEL must be one of {KERNEL_MODES}, got {mode!r}")
+    _env_cache = (raw, mode)
     return mode
 
 
@@ -114,3 +128,47 @@ def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
     if "int8" in state and ("packed2" not in state or tokens >= GPU_INT8_MIN_TOKENS):
         return op(x, state["int8"], module.weight_scale, module.bias, n, "int8")
     return op(x, state["packed2"], module.weight_scale, module.bias, n, "packed2")
+
+
+def _cpu_fused_ok(module, x: torch.Tensor) -> bool:
+    """Whether the direct C call (norm fused) may run: eager CPU float32 inference with the kernel on."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or module.weight.device.type != "cpu":
+        return False
+    norm = module.rms_norm
+    if norm is not None and norm.weight.dtype != torch.float32:
+        return False  # other dtypes round in between (BitRMSNorm casts back to the input dtype): unfused
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (norm is not None and norm.weight.requires_grad)
+        or (module.bias is not None and module.bias.requires_grad)
+    ):
+        return False  # the C call records no autograd graph
+    return kernels_enabled() and not torch.compiler.is_compiling()
+
+
+def packed_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a packed BitLinear on its raw input ``x`` (the layer's RMSNorm, if any, applied here).
+
+    CPU float32 eager inference: one call into the C library, RMSNorm + activation quantization +
+    ternary GEMM + rescale fused, bit-identical to ``ternary_linear_reference(BitRMSNorm(x), ...)``.
+    Otherwise the norm runs in PyTorch and the result goes through :func:`packed_linear`.
+    """
+    norm = module.rms_norm
+    if _cpu_fused_ok(module, x):
+        lib = cpu_kernel.load_library()
+        if lib is not None:
+            state = _kernel_state(module, x.device)
+            ws, bias = module.weight_scale, module.bias
+            if ws.numel() != 1 or (bias is not None and bias.shape != (module.out_features,)):
+                # malformed module: let the op raise its clear error
+                return packed_linear(module, x if norm is None else norm(x))
+            return cpu_kernel.run_tile16(
+                lib, x, state["cpu"], ws, bias, module.out_features,
+                None if norm is None else norm.weight, 0.0 if norm is None else norm.variance_epsilon,
+            )
+    if norm is not None:
+        x = norm(x)
+    return packed_linear(module, x)
+
+
+packed_forward.applies_rms_norm = True  # BitLinear hands it the raw input

@@ -31,6 +31,9 @@
  *   absmax = max|x| (exact), clamp at 1e-5f; x_scale = (1.0f / absmax) * 127.0f   (torch evaluates the
  *   Python expression 127.0 / t as t.reciprocal() * 127); q = clamp(nearbyint(x * x_scale), -128, 127);
  *   y = (float)acc / (weight_scale * x_scale) [+ bias]   (division, not a reciprocal multiply).
+ *
+ * Optionally BitLinear's RMSNorm is fused into the quantization pass (x -> w_norm * (x * rsqrt(mean(x^2) + eps)),
+ * see "Fused RMSNorm" below), bit-exact with st_bitnet.bitlinear.BitRMSNorm followed by the reference.
  */
 #include <math.h>
 #include <stdint.h>
@@ -64,7 +67,7 @@
 #endif
 
 #define ST_ALWAYS_INLINE static inline __attribute__((always_inline))
-#define ST_ABI_VERSION 1
+#define ST_ABI_VERSION 2
 
 /* Work split for the threads: blocks of tokens x blocks of outputs. */
 #define ST_BLOCK_M 64
@@ -87,6 +90,100 @@ static inline int32_t load_i32(const int8_t *p) {
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Fused RMSNorm (BitRMSNorm = transformers' LlamaRMSNorm arithmetic, float32):                      */
+/*   var = sum(x*x) / K;  r = 1 / sqrt(var + eps);  xn[k] = w[k] * (x[k] * r)                        */
+/* torch sums x.pow(2) in a fixed order (ATen's cascade_sum, aten/src/ATen/native/cpu/SumKernel.cpp: */
+/* vectorized_inner_sum -> row_sum -> multi_row_sum, float accumulators, Vectorized<float> of VW       */
+/* lanes). torch_sumsq replays that order lane by lane, so var is bit-identical to                    */
+/* x.pow(2).mean(-1). Python passes VW from torch's CPU capability and checks the result against     */
+/* torch at load time; when it cannot (unknown capability), it passes var computed by torch instead. */
+/* ------------------------------------------------------------------------------------------------ */
+#define ST_MAX_VW 16
+
+static int64_t ceil_log2(int64_t x) { /* ATen's utils::CeilLog2 */
+    if (x <= 2) return 1;
+    int64_t b = 0;
+    uint64_t v = (uint64_t)(x - 1);
+    while (v) {
+        ++b;
+        v >>= 1;
+    }
+    return b;
+}
+
+/* row_sum(x*x) over nvec vectors of L lanes (multi_row_sum with 4 columns, 4 cascade levels). */
+ST_ALWAYS_INLINE void sumsq_row_sum(const float *x, int64_t nvec, const int L, float *out) {
+    float acc[4][4][ST_MAX_VW];
+    memset(acc, 0, sizeof(acc));
+    const int64_t size = nvec / 4;
+    int64_t lp = ceil_log2(size) / 4;
+    if (lp < 4) lp = 4;
+    const int64_t step = (int64_t)1 << lp, mask = step - 1;
+    int64_t i = 0;
+    while (i + step <= size) {
+        for (int64_t j = 0; j < step; ++j, ++i)
+            for (int c = 0; c < 4; ++c) {
+                const float *v = x + (i * 4 + c) * L;
+                for (int l = 0; l < L; ++l) acc[0][c][l] += v[l] * v[l];
+            }
+        for (int lev = 1; lev < 4; ++lev) {
+            for (int c = 0; c < 4; ++c)
+                for (int l = 0; l < L; ++l) {
+                    acc[lev][c][l] += acc[lev - 1][c][l];
+                    acc[lev - 1][c][l] = 0.0f;
+                }
+            if ((i & (mask << (lev * lp))) != 0) break;
+        }
+    }
+    for (; i < size; ++i)
+        for (int c = 0; c < 4; ++c) {
+            const float *v = x + (i * 4 + c) * L;
+            for (int l = 0; l < L; ++l) acc[0][c][l] += v[l] * v[l];
+        }
+    for (int lev = 1; lev < 4; ++lev)
+        for (int c = 0; c < 4; ++c)
+            for (int l = 0; l < L; ++l) acc[0][c][l] += acc[lev][c][l];
+    for (int64_t v = size * 4; v < nvec; ++v)
+        for (int l = 0; l < L; ++l) acc[0][0][l] += x[v * L + l] * x[v * L + l];
+    for (int c = 1; c < 4; ++c)
+        for (int l = 0; l < L; ++l) acc[0][0][l] += acc[0][c][l];
+    for (int l = 0; l < L; ++l) out[l] = acc[0][0][l];
+}
+
+static float torch_sumsq(const float *x, int64_t K, int VW) {
+    float part[ST_MAX_VW];
+    if (K < VW) { /* scalar_inner_sum */
+        sumsq_row_sum(x, K, 1, part);
+        return part[0];
+    }
+    const int64_t nvec = K / VW; /* vectorized_inner_sum */
+    /* constant lane counts let the compiler keep the lanes in one SIMD register (lane-wise IEEE ops,
+       no contraction: the same roundings as the scalar loop) */
+    switch (VW) {
+        case 8: sumsq_row_sum(x, nvec, 8, part); break;
+        case 16: sumsq_row_sum(x, nvec, 16, part); break;
+        case 4: sumsq_row_sum(x, nvec, 4, part); break;
+        default: sumsq_row_sum(x, nvec, VW, part); break;
+    }
+    float acc = 0.0f;
+    for (int64_t k = nvec * VW; k < K; ++k) acc += x[k] * x[k];
+    for (int l = 0; l < VW; ++l) acc += part[l];
+    return acc;
+}
+
+/* 1 / sqrt(mean(x*x) + eps), as torch.rsqrt(x.pow(2).mean(-1) + eps). var: torch's value or NULL. */
+ST_ALWAYS_INLINE float row_rstd(const float *x, int64_t K, int VW, const float *var, float eps) {
+    const float v = var ? *var : torch_sumsq(x, K, VW) / (float)K;
+    return 1.0f / sqrtf(v + eps);
+}
+
+/* Per-row normalization handed to quantize_row: x[k] -> nw[k] * (x[k] * r) when nw != NULL. */
+typedef struct {
+    const float *nw;
+    float r;
+} st_norm;
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Activation quantization (one row): xq[0:Kp] (zero padded), x_scale, sum(xq).                       */
 /* ------------------------------------------------------------------------------------------------ */
 ST_ALWAYS_INLINE float row_scale(float amax) {
@@ -95,16 +192,22 @@ ST_ALWAYS_INLINE float row_scale(float amax) {
     return r * 127.0f;
 }
 
-static void quantize_row_scalar(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+/* The value quantize_row reads at k: x[k], or the normalized nw[k] * (x[k] * r). */
+ST_ALWAYS_INLINE float norm_value(const float *x, int64_t k, const st_norm *nm, const int has_norm) {
+    return has_norm ? nm->nw[k] * (x[k] * nm->r) : x[k];
+}
+
+ST_ALWAYS_INLINE void quantize_row_scalar_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm,
+                                               const int has_norm, int8_t *q, float *xs, int32_t *xsum) {
     float amax = 0.0f;
     for (int64_t k = 0; k < K; ++k) {
-        float a = fabsf(x[k]);
+        float a = fabsf(norm_value(x, k, nm, has_norm));
         amax = a > amax ? a : amax;
     }
     const float s = row_scale(amax);
     int32_t sum = 0;
     for (int64_t k = 0; k < K; ++k) {
-        float v = nearbyintf(x[k] * s);
+        float v = nearbyintf(norm_value(x, k, nm, has_norm) * s);
         v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
         q[k] = (int8_t)v;
         sum += q[k];
@@ -115,11 +218,20 @@ static void quantize_row_scalar(const float *x, int64_t K, int64_t Kp, int8_t *q
 }
 
 #if defined(ST_ISA_AVX512VNNI)
-static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+ST_ALWAYS_INLINE __m512 load_normed16(const float *x, int64_t k, __mmask16 m, const st_norm *nm,
+                                      const int has_norm) {
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+    if (!has_norm) return v;
+    /* maskz: lanes past K stay 0 even if r is inf */
+    return _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, nm->nw + k), _mm512_mul_ps(v, _mm512_set1_ps(nm->r)));
+}
+
+ST_ALWAYS_INLINE void quantize_row_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm, const int has_norm,
+                                        int8_t *q, float *xs, int32_t *xsum) {
     __m512 vmax = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + k)));
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_normed16(x, k, m, nm, has_norm)));
     }
     const float s = row_scale(_mm512_reduce_max_ps(vmax));
     const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
@@ -127,7 +239,7 @@ static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float
     for (int64_t k = 0; k < Kp; k += 16) { /* Kp is a multiple of 16; masked-off lanes quantize to 0 */
         const int64_t left = K - k;
         const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1u));
-        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vs);
+        __m512 v = _mm512_mul_ps(load_normed16(x, k, m, nm, has_norm), vs);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
         const __m512i i = _mm512_cvtps_epi32(v);
@@ -138,17 +250,24 @@ static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float
     *xsum = _mm512_reduce_add_epi32(vsum);
 }
 #elif defined(ST_ISA_AVX2)
-static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+ST_ALWAYS_INLINE __m256 load_normed8(const float *x, int64_t k, const st_norm *nm, const int has_norm) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    if (!has_norm) return v;
+    return _mm256_mul_ps(_mm256_loadu_ps(nm->nw + k), _mm256_mul_ps(v, _mm256_set1_ps(nm->r)));
+}
+
+ST_ALWAYS_INLINE void quantize_row_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm, const int has_norm,
+                                        int8_t *q, float *xs, int32_t *xsum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 vmax = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, load_normed8(x, k, nm, has_norm)));
     float lanes[8];
     _mm256_storeu_ps(lanes, vmax);
     float amax = 0.0f;
     for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
     for (; k < K; ++k) {
-        float a = fabsf(x[k]);
+        float a = fabsf(norm_value(x, k, nm, has_norm));
         amax = a > amax ? a : amax;
     }
     const float s = row_scale(amax);
@@ -159,7 +278,7 @@ static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float
     for (k = 0; k + 32 <= K; k += 32) {
         __m256i i32[4];
         for (int j = 0; j < 4; ++j) {
-            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * j), vs);
+            __m256 v = _mm256_mul_ps(load_normed8(x, k + 8 * j, nm, has_norm), vs);
             v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
             i32[j] = _mm256_cvtps_epi32(v);
@@ -175,7 +294,7 @@ static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float
     int32_t sum = 0;
     for (int i = 0; i < 8; ++i) sum += parts[i];
     for (; k < K; ++k) {
-        float v = nearbyintf(x[k] * s);
+        float v = nearbyintf(norm_value(x, k, nm, has_norm) * s);
         v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
         q[k] = (int8_t)v;
         sum += q[k];
@@ -185,10 +304,22 @@ static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float
     *xsum = sum;
 }
 #else
-static void quantize_row(const float *x, int64_t K, int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
-    quantize_row_scalar(x, K, Kp, q, xs, xsum);
+ST_ALWAYS_INLINE void quantize_row_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm, const int has_norm,
+                                        int8_t *q, float *xs, int32_t *xsum) {
+    quantize_row_scalar_impl(x, K, Kp, nm, has_norm, q, xs, xsum);
 }
 #endif
+
+/* One row: optional fused RMSNorm (nw != NULL), then quantization. var: torch's mean(x*x) or NULL. */
+static void quantize_row(const float *x, int64_t K, int64_t Kp, const float *nw, float eps, int VW, const float *var,
+                         int8_t *q, float *xs, int32_t *xsum) {
+    if (nw) {
+        const st_norm nm = {nw, row_rstd(x, K, VW, var, eps)};
+        quantize_row_impl(x, K, Kp, &nm, 1, q, xs, xsum);
+    } else {
+        quantize_row_impl(x, K, Kp, NULL, 0, q, xs, xsum);
+    }
+}
 
 /* ------------------------------------------------------------------------------------------------ */
 /* Epilogue: y[n] = (float)(acc - xsum) / (ws * xs) (+ bias[n]) for up to 16 outputs of one token.    */
@@ -420,19 +551,25 @@ static void gemm_block(const st_args *a, int64_t mb0, int64_t mb1, int64_t bb0, 
 
 /*
  * x: fp32 (M, K), row stride ldx. w: tile16 blob (ceil(N/16), Kp/16, 64). bias: fp32 (N) or NULL.
+ * nw: fp32 (K) RMSNorm weight, or NULL for no norm (x is then quantized as it is); eps: its epsilon;
+ * vw: torch's Vectorized<float> width (the order of its sum), used when var is NULL; var: fp32 (M) =
+ * x.pow(2).mean(-1) computed by torch, or NULL (computed here in torch's order).
  * y: fp32 (M, N), row stride ldy. xq: int8 scratch (M, Kp); xs: fp32 scratch (M); xsum: int32 scratch (M).
  * Returns 0 on success, a negative code on bad arguments.
  */
-int st_ternary_linear_f32(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
-                          int64_t Kp, float ws, const float *bias, float *y, int64_t ldy, int8_t *xq, float *xs,
-                          int32_t *xsum, int nthreads) {
+int st_ternary_linear_f32(const float *x, int64_t M, int64_t K, int64_t ldx, const float *nw, float eps, int vw,
+                          const float *var, const uint8_t *w, int64_t N, int64_t Kp, float ws, const float *bias,
+                          float *y, int64_t ldy, int8_t *xq, float *xs, int32_t *xsum, int nthreads) {
     if (M < 0 || K <= 0 || N <= 0 || Kp < K || Kp % 16 != 0 || ldx < K || ldy < N) return -1;
+    if (nw && !var && (vw < 1 || vw > ST_MAX_VW)) return -2;
     if (M == 0) return 0;
     st_args a = {w, xq, xs, xsum, bias, y, M, N, Kp, Kp / 16, ldy, ws};
     const int64_t nblocks = (N + 15) / 16;
     const int64_t bb = ST_BLOCK_N / 16;
     const int64_t n_mb = (M + ST_BLOCK_M - 1) / ST_BLOCK_M, n_nb = (nblocks + bb - 1) / bb;
     const int64_t items = n_mb * n_nb;
+#define ST_QUANTIZE(m) \
+    quantize_row(x + (m) * ldx, K, Kp, nw, eps, vw, var ? var + (m) : NULL, xq + (m) * Kp, xs + (m), xsum + (m))
     if (nthreads < 1) nthreads = 1;
 #ifdef _OPENMP
     /* tiny problems: threads cost more than they save */
@@ -445,7 +582,7 @@ int st_ternary_linear_f32(const float *x, int64_t M, int64_t K, int64_t ldx, con
             const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
             const int64_t mb0 = n_mb * tid / nt, mb1 = n_mb * (tid + 1) / nt;
             const int64_t m0 = mb0 * ST_BLOCK_M, m1 = mb1 * ST_BLOCK_M < M ? mb1 * ST_BLOCK_M : M;
-            for (int64_t m = m0; m < m1; ++m) quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m, xsum + m);
+            for (int64_t m = m0; m < m1; ++m) ST_QUANTIZE(m);
             for (int64_t mi = mb0; mi < mb1; ++mi) {
                 const int64_t r0 = mi * ST_BLOCK_M, r1 = r0 + ST_BLOCK_M < M ? r0 + ST_BLOCK_M : M;
                 for (int64_t ni = 0; ni < n_nb; ++ni) {
@@ -462,7 +599,7 @@ int st_ternary_linear_f32(const float *x, int64_t M, int64_t K, int64_t ldx, con
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m, xsum + m);
+        for (int64_t m = 0; m < M; ++m) ST_QUANTIZE(m);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -473,13 +610,23 @@ int st_ternary_linear_f32(const float *x, int64_t M, int64_t K, int64_t ldx, con
             gemm_block(&a, m0, m1, b0, b1);
         }
     }
+#undef ST_QUANTIZE
     return 0;
 }
 
-/* Quantization alone (tests and the GPU-free reference comparison). */
-int st_quantize_f32(const float *x, int64_t M, int64_t K, int64_t ldx, int64_t Kp, int8_t *xq, float *xs,
-                    int32_t *xsum) {
+/* (Optional norm and) quantization alone: tests compare it with the PyTorch reference. */
+int st_quantize_f32(const float *x, int64_t M, int64_t K, int64_t ldx, const float *nw, float eps, int vw,
+                    const float *var, int64_t Kp, int8_t *xq, float *xs, int32_t *xsum) {
     if (M < 0 || K <= 0 || Kp < K || ldx < K) return -1;
-    for (int64_t m = 0; m < M; ++m) quantize_row(x + m * ldx, K, Kp, xq + m * Kp, xs + m, xsum + m);
+    if (nw && !var && (vw < 1 || vw > ST_MAX_VW)) return -2;
+    for (int64_t m = 0; m < M; ++m)
+        quantize_row(x + m * ldx, K, Kp, nw, eps, vw, var ? var + m : NULL, xq + m * Kp, xs + m, xsum + m);
+    return 0;
+}
+
+/* x.pow(2).mean(-1) per row in torch's summation order for Vectorized<float> width vw. */
+int st_mean_sq_f32(const float *x, int64_t M, int64_t K, int64_t ldx, int vw, float *out) {
+    if (M < 0 || K <= 0 || ldx < K || vw < 1 || vw > ST_MAX_VW) return -1;
+    for (int64_t m = 0; m < M; ++m) out[m] = torch_sumsq(x + m * ldx, K, vw) / (float)K;
     return 0;
 }
