@@ -3,14 +3,17 @@
 MiniLM (all-MiniLM-L6-v2, offline copy) gets a QuantizationAwarePooling (rms, cosine-preserving at init) and a
 MultiPrecisionQuantizer calibrated on training sentences, then trains a few minutes on CPU with
 MultiPrecisionLoss(MultipleNegativesRankingLoss) over 16/8/4/2/1 bits on real train pairs (MSRP paraphrases,
-TrecQA positives, SciFact train query -> passage; SciFact dev queries excluded). A control run trains the same
+TrecQA positives, SciFact train query -> passage, STS-B / SICK train pairs scored >= 4; SciFact dev queries and
+every dev split excluded). A control run trains the same
 steps with plain MultipleNegativesRankingLoss (16-bit only). Every model is scored on STS-B dev and SICK dev
 (Spearman x100) at every precision, with its own trained quantizer and with post-hoc quantization (per-dimension
 min/max ranges measured on the whole dev set for 8/4/2 bits, sign for 1 bit), and the drop vs its own 16-bit
 output is reported.
 
 Usage:
-    python benchmarks/train_multi_precision_smoke.py --max-steps 120 --out benchmarks/results/multi_precision_smoke.json
+    python benchmarks/train_multi_precision_smoke.py --max-steps 100 --batch-size 32 --max-seq-length 48 \
+        --trainable-layers 3 --lr 2e-5 --quantizer-lr 1e-3 --precision-weights 1 1 1 1 2 --teacher-kd 1 \
+        --save-model /tmp/mp/mp_model3 --out benchmarks/results/multi_precision_smoke_run3.json
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from st_bitnet import data
-from st_bitnet.losses.multi_precision_loss import MultiPrecisionLoss
+from st_bitnet.teacher import FrozenTeacher
+from st_bitnet.losses import MultiPrecisionLoss, MultiPrecisionSimilarityDistillationLoss, WeightedCombinationLoss
 from st_bitnet.multi_precision import (
     BITS,
     MultiPrecisionQuantizer,
@@ -46,12 +50,23 @@ def minilm_path() -> str:
     return str(get_model_path())
 
 
-def train_pairs(limit: int, seed: int) -> list[dict[str, str]]:
-    pairs = [
-        {"anchor": r["sentence1"], "positive": r["sentence2"]} for r in data.load_pairs("msrp", "train") if r["label"] == 1
-    ]
-    pairs += [{"anchor": r["question"], "positive": r["answer"]} for r in data.load_pairs("trecqa", "train") if r["label"] == 1]
-    pairs += data.scifact_train_pairs()
+PAIR_SOURCES = ("msrp", "trecqa", "scifact", "stsb", "sick")
+
+
+def train_pairs(limit: int, seed: int, sources=PAIR_SOURCES) -> list[dict[str, str]]:
+    """Real train-split positive pairs; STS-B / SICK train pairs count as positives at score >= 4 (of 5)."""
+    pairs: list[dict[str, str]] = []
+    for source in sources:
+        if source == "msrp":
+            pairs += [{"anchor": r["sentence1"], "positive": r["sentence2"]} for r in data.load_pairs("msrp", "train") if r["label"] == 1]
+        elif source == "trecqa":
+            pairs += [{"anchor": r["question"], "positive": r["answer"]} for r in data.load_pairs("trecqa", "train") if r["label"] == 1]
+        elif source == "scifact":
+            pairs += data.scifact_train_pairs()  # the 200 SciFact dev queries are excluded
+        elif source in ("stsb", "sick"):
+            pairs += [{"anchor": r["sentence1"], "positive": r["sentence2"]} for r in data.load_sts(source, "train") if r["score"] >= 4]
+        else:
+            raise ValueError(f"unknown pair source {source!r}; expected one of {PAIR_SOURCES}")
     random.Random(seed).shuffle(pairs)
     return pairs[:limit]
 
@@ -143,19 +158,31 @@ def main() -> None:
     parser.add_argument("--quantizer-lr", type=float, default=1e-3)
     parser.add_argument("--max-seq-length", type=int, default=96)
     parser.add_argument("--pairs", type=int, default=6000)
+    parser.add_argument("--sources", nargs="+", default=list(PAIR_SOURCES), help="train-split pair sources")
+    parser.add_argument("--calibration-texts", type=int, default=4000, help="training texts the quantizer ranges are calibrated on")
+    parser.add_argument(
+        "--precision-weights", type=float, nargs=5, default=None, metavar=("W16", "W8", "W4", "W2", "W1"),
+        help="MultiPrecisionLoss weight of each precision (default: all 1)",
+    )
+    parser.add_argument(
+        "--teacher-kd", type=float, default=0.0, metavar="WEIGHT",
+        help="add MultiPrecisionSimilarityDistillationLoss against the untouched full-precision model (frozen) at "
+        "every precision, with this weight (0: MultiPrecisionLoss(MNRL) alone)",
+    )
     parser.add_argument("--control", action="store_true", help="also train an MNRL-only (16-bit) control run")
     parser.add_argument("--trainable-layers", type=int, default=-1, help="train only the top N transformer layers (-1: all)")
     parser.add_argument("--sts-limit", type=int, default=None, help="score only the first N dev pairs (quick checks)")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--save-model", default=None, help="folder to save the multi-precision model to")
-    parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke.json")
+    parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_run3.json")
     args = parser.parse_args()
     global STS_LIMIT
     STS_LIMIT = args.sts_limit
     torch.manual_seed(args.seed)
 
-    pairs = train_pairs(args.pairs, args.seed)
-    calibration_texts = [p["anchor"] for p in pairs[:1000]] + [p["positive"] for p in pairs[:1000]]
+    pairs = train_pairs(args.pairs, args.seed, args.sources)
+    half = args.calibration_texts // 2
+    calibration_texts = [p["anchor"] for p in pairs[:half]] + [p["positive"] for p in pairs[:half]]
     report: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "args": vars(args),
@@ -172,7 +199,23 @@ def main() -> None:
 
     # 1. MultiPrecisionLoss over 16/8/4/2/1 bits.
     freeze_backbone(model, args.trainable_layers)
-    loss = MultiPrecisionLoss(model, MultipleNegativesRankingLoss(model), precisions=BITS)
+    loss = MultiPrecisionLoss(
+        model, MultipleNegativesRankingLoss(model), precisions=BITS, precision_weights=args.precision_weights
+    )
+    if args.teacher_kd > 0:
+        # The low-bit similarities are pulled towards the original float model's, so graded similarity (STS) is
+        # kept at every precision, not only the ranking of the positive that MNRL trains.
+        teacher_model = SentenceTransformer(minilm_path(), device="cpu")
+        teacher_model.max_seq_length = args.max_seq_length
+        teacher = FrozenTeacher(teacher_model, student=model)
+        loss = WeightedCombinationLoss(
+            model,
+            {
+                "contrastive": loss,
+                "similarity_kd": MultiPrecisionSimilarityDistillationLoss(model, teacher, precisions=BITS),
+            },
+            weights={"similarity_kd": args.teacher_kd},
+        )
     seconds = train(model, pairs, loss, args.max_steps, args.batch_size, args.lr, args.quantizer_lr, args.seed)
     report["train_seconds_multi_precision"] = seconds
     model.eval()

@@ -283,3 +283,173 @@ def test_embedding_mse_distillation_matches_hand_computation_and_needs_a_live_te
     with pytest.raises(ValueError, match="live teacher"):
         EmbeddingMSEDistillationLoss.compute_loss_from_labels(None, [a, b], torch.zeros(2, 1))
     assert "EmbeddingMSEDistillationLoss" in TEACHER_LOSSES
+
+
+# ---------------------------------------------------------------- the two ablation components (moved from run_ablation.py)
+def _kl_rows(student_rows, teacher_rows, temperature):
+    """mean_rows KL(softmax(teacher / t) || softmax(student / t)), by hand."""
+    total = 0.0
+    for s_row, t_row in zip(student_rows, teacher_rows):
+        log_s = _log_softmax([v / temperature for v in s_row])
+        log_t = _log_softmax([v / temperature for v in t_row])
+        total += sum(math.exp(t) * (t - s) for s, t in zip(log_s, log_t))
+    return total / len(student_rows)
+
+
+def _cos(u, v):
+    return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+
+
+def test_pair_similarity_distillation_matches_hand_computation_and_ignores_hard_negatives():
+    from st_bitnet.losses import PairSimilarityDistillationLoss
+    from st_bitnet.training.recipe import TEACHER_LOSSES
+
+    anchors_s, positives_s = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, -1.0]]
+    anchors_t, positives_t = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]
+    negatives = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    student = [torch.tensor(anchors_s), torch.tensor(positives_s), negatives]
+    teacher = [torch.tensor(anchors_t), torch.tensor(positives_t), -negatives]
+    loss = PairSimilarityDistillationLoss(None, teacher=None, temperature=0.5)
+    # rows: each anchor against the batch's positives only (2 candidates, the negatives column is not one)
+    s_rows = [[_cos(a, p) for p in positives_s] for a in anchors_s]
+    t_rows = [[_cos(a, p) for p in positives_t] for a in anchors_t]
+    expected = _kl_rows(s_rows, t_rows, 0.5)
+    assert expected > 0.1
+    assert loss.compute_loss_from_embeddings(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    assert loss.compute_loss_from_embeddings(student[:2], teacher[:2]).item() == pytest.approx(expected, rel=1e-6)
+    # the full similarity KD does see the negatives column: a different value on the same batch
+    full = SimilarityDistributionDistillationLoss(None, temperature=0.5).compute_loss_from_embeddings(student, teacher)
+    assert abs(full.item() - expected) > 1e-3
+    with pytest.raises(ValueError, match="live teacher"):
+        loss.compute_loss_from_labels(student, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="anchor, positive"):
+        loss.compute_loss_from_embeddings(student[:1], teacher[:1])
+    assert "PairSimilarityDistillationLoss" in TEACHER_LOSSES
+
+
+def _unit_quantizer(precisions=(16, 8, 4, 2, 1)):
+    """offset 0, scale 1: z = x, so 2-bit midpoints are -0.75 / -0.25 / 0.25 / 0.75 and 1 bit is the sign."""
+    from st_bitnet.multi_precision import MultiPrecisionQuantizer
+
+    quantizer = MultiPrecisionQuantizer(3, precisions=precisions)
+    quantizer.calibrated = True
+    return quantizer
+
+
+def test_multi_precision_similarity_distillation_matches_hand_computation():
+    from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss
+    from st_bitnet.training.recipe import TEACHER_LOSSES
+
+    anchors, positives = [[0.6, -0.3, 0.1], [-0.9, 0.2, 0.4]], [[0.4, 0.7, -0.2], [-0.1, -0.6, 0.8]]
+    t_anchors, t_positives = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[1.0, 0.2, 0.0], [0.3, 1.0, 0.0]]
+    # by hand: 2 bits -> bucket midpoints of [-1, 1) split in 4; 1 bit -> sign (z >= 0 is +1)
+    mid2 = lambda x: -0.75 if x < -0.5 else -0.25 if x < 0 else 0.25 if x < 0.5 else 0.75  # noqa: E731
+    sign = lambda x: 1.0 if x >= 0 else -1.0  # noqa: E731
+    t_rows = [[_cos(a, p) for p in t_positives] for a in t_anchors]
+    terms = []
+    for q in (mid2, sign):
+        qa, qp = [[q(x) for x in v] for v in anchors], [[q(x) for x in v] for v in positives]
+        terms.append(_kl_rows([[_cos(a, p) for p in qp] for a in qa], t_rows, 0.2))
+    expected = sum(terms) / 2
+    loss = MultiPrecisionSimilarityDistillationLoss(None, precisions=["2bit", 1], quantizer=_unit_quantizer(), temperature=0.2)
+    student = [torch.tensor(anchors, requires_grad=True), torch.tensor(positives)]
+    value = loss.compute_loss_with_quantizer(student, [torch.tensor(t_anchors), torch.tensor(t_positives)], loss.quantizer)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    value.backward()  # straight-through: the float student gets a gradient through the quantizer
+    assert student[0].grad is not None and student[0].grad.abs().sum() > 0
+    assert "MultiPrecisionSimilarityDistillationLoss" in TEACHER_LOSSES
+    with pytest.raises(ValueError, match="serves"):
+        MultiPrecisionSimilarityDistillationLoss(None, precisions=[4], quantizer=_unit_quantizer(precisions=(16, 1)))
+    with pytest.raises(ValueError, match="model or an explicit quantizer"):
+        MultiPrecisionSimilarityDistillationLoss(None)
+
+
+def test_multi_precision_similarity_distillation_appends_and_calibrates_a_quantizer(tiny_student):
+    from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss
+    from st_bitnet.multi_precision import find_quantizer
+
+    student = copy.deepcopy(tiny_student)
+    loss = MultiPrecisionSimilarityDistillationLoss(student, FrozenTeacher(copy.deepcopy(tiny_student)), precisions=(8, 1))
+    quantizer = find_quantizer(student)
+    assert quantizer is loss.quantizer and not quantizer.calibrated and quantizer.precisions == [16, 8, 4, 2, 1]
+    assert "quantizer" not in dict(loss.named_children())  # lives in the model, trained with it
+    value = loss([_features(student, TEXTS_A), _features(student, TEXTS_B)], None)
+    assert quantizer.calibrated and value.item() > 0
+    # a second loss reuses the model's quantizer rather than appending another one
+    MultiPrecisionSimilarityDistillationLoss(student, loss.teacher)
+    assert sum(type(m).__name__ == "MultiPrecisionQuantizer" for m in student.children()) == 1
+
+
+# ---------------------------------------------------------------- MultiPrecisionLoss inside WeightedCombinationLoss
+def _student_with_quantizer(tiny_student):
+    import st_bitnet
+    from st_bitnet.multi_precision import MultiPrecisionQuantizer
+
+    student = st_bitnet.convert(copy.deepcopy(tiny_student)).eval()  # eval: no dropout, deterministic
+    student.append(MultiPrecisionQuantizer.from_embeddings(student.encode(TEXTS_A + TEXTS_B + TEXTS_N)))
+    return student
+
+
+def test_combination_trains_multi_precision_components_with_one_student_and_one_teacher_pass(tiny_student):
+    from st_bitnet.losses import MultiPrecisionLoss, MultiPrecisionSimilarityDistillationLoss
+
+    student = _student_with_quantizer(tiny_student)
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    features = [_features(student, t) for t in (TEXTS_A, TEXTS_B, TEXTS_N)]
+    contrastive = MultiPrecisionLoss(student, MultipleNegativesRankingLoss(student), precisions=[16, 2, 1],
+                                     precision_weights=[1.0, 0.5, 2.0])  # fmt: skip
+    similarity = MultiPrecisionLoss(student, SimilarityDistributionDistillationLoss(student, teacher), precisions=[8, 1])
+    combined = WeightedCombinationLoss(
+        student,
+        {"contrastive": contrastive, "similarity_kd": similarity, "attention_kd": AttentionRelationDistillationLoss(student, teacher)},
+        weights={"similarity_kd": 0.5},
+    )
+    student_calls, teacher_calls = [], []
+    hooks = [student[0].register_forward_hook(lambda *a: student_calls.append(1)),
+             teacher.model[0].register_forward_hook(lambda *a: teacher_calls.append(1))]  # fmt: skip
+    out = combined(features, None)
+    for hook in hooks:
+        hook.remove()
+    assert len(student_calls) == 3 and len(teacher_calls) == 3  # one pass per column, not per precision
+    assert set(out) == {"contrastive", "similarity_kd", "attention_kd"}
+    with torch.no_grad():
+        # the standalone MultiPrecisionLoss (its own forward) gives the same contrastive value
+        assert out["contrastive"].item() == pytest.approx(contrastive(features, None).item(), rel=1e-5)
+        # MultiPrecisionLoss(similarity KD) sums the precisions; the dedicated loss averages them
+        reference = MultiPrecisionSimilarityDistillationLoss(student, teacher, precisions=[8, 1])(features, None)
+        assert out["similarity_kd"].item() == pytest.approx(0.5 * 2 * reference.item(), rel=1e-5)
+    torch.stack(list(out.values())).sum().backward()
+    quantizer = contrastive.quantizer
+    assert quantizer.offset.grad is not None and quantizer.offset.grad.abs().sum() > 0
+
+
+def test_multi_precision_embedding_mse_compares_in_each_precisions_space(tiny_student):
+    from st_bitnet.losses import EmbeddingMSEDistillationLoss, MultiPrecisionLoss
+    from st_bitnet.losses.multi_precision_loss import quantize_labels
+
+    student = _student_with_quantizer(tiny_student)
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    features = [_features(student, t) for t in (TEXTS_A, TEXTS_B)]
+    mse = EmbeddingMSEDistillationLoss(student, teacher)
+    combined = WeightedCombinationLoss(student, {"mse": MultiPrecisionLoss(student, mse, precisions=[2])})
+    quantizer = combined.losses["mse"].quantizer
+    with torch.no_grad():
+        value = combined(features, None)["mse"]
+        s = [quantizer.fake_quantize(student(dict(f))["sentence_embedding"], 2) for f in features]
+        t = [quantize_labels(teacher.embed(f), quantizer, 2, quantizer.embedding_dimension) for f in features]
+        expected = sum(((a - b) ** 2).sum(-1).mean() for a, b in zip(s, t)) / 2
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_multi_precision_wrapping_errors(tiny_student):
+    from st_bitnet.losses import MultiPrecisionLoss
+
+    student = _student_with_quantizer(tiny_student)
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    combination = WeightedCombinationLoss(student, {"c": MultipleNegativesRankingLoss(student)})
+    with pytest.raises(ValueError, match="inside the combination"):
+        MultiPrecisionLoss(student, combination)
+    with pytest.raises(ValueError, match="does not read the output embedding"):
+        WeightedCombinationLoss(student, {"a": MultiPrecisionLoss(student, AttentionRelationDistillationLoss(student, teacher))})
+    with pytest.raises(ValueError, match="use it alone"):
+        WeightedCombinationLoss(student, {"c": MultiPrecisionLoss(student, CachedMultipleNegativesRankingLoss(student))})

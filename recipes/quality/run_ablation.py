@@ -14,16 +14,15 @@ evaluation engineer's dev protocol (``st_bitnet.evaluation.run_evaluation``) at 
 Results: ``<output>/<row>/eval/results.json`` (the harness' JSON), ``<output>/rows.jsonl`` (one line per row:
 scores, minutes, steps, exact commands), ``<output>/table.md``.
 
-The plain-distillation MSE is ``st_bitnet.losses.EmbeddingMSEDistillationLoss``. Two loss components used by the
-rows are not in ``st_bitnet.losses`` yet, so this script registers them there before any recipe is parsed (see
-notes/quality.md, "Bugs / gaps found"):
+The plain-distillation MSE is ``st_bitnet.losses.EmbeddingMSEDistillationLoss``; the rows' two other special
+components are in ``st_bitnet.losses`` too (known to the recipe loss registry):
 
 * ``PairSimilarityDistillationLoss``: the in-batch KL of plain distillation, over (anchor, positive) columns
   only, so a triplet batch's hard negatives do not enter it (they do in the next row's
   ``SimilarityDistributionDistillationLoss``).
 * ``MultiPrecisionSimilarityDistillationLoss``: the similarity KD applied to the 8/4/2/1-bit fake-quantized
-  outputs of a trained ``MultiPrecisionQuantizer`` (appended to the student), because ``MultiPrecisionLoss``
-  cannot wrap a ``WeightedCombinationLoss`` (it returns a dict) and the runner never appends a quantizer.
+  outputs of a trained ``MultiPrecisionQuantizer`` (appended to the student by the loss when the recipe has no
+  ``model.multi_precision`` section, and calibrated on the first batch).
 """
 
 from __future__ import annotations
@@ -73,55 +72,12 @@ ORDER = (*BASELINES, *ROWS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss components registered into st_bitnet.losses (workaround; see module docstring)
+# Loss components (now in st_bitnet.losses)
 # ---------------------------------------------------------------------------------------------------------------
 def register_losses() -> None:
-    import st_bitnet.losses as losses
-    from st_bitnet.losses import SimilarityDistributionDistillationLoss
-    from st_bitnet.training import recipe as recipe_module
-
-    class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
-        """In-batch KL over (anchor, positive) columns only: hard-negative columns are ignored."""
-
-        def compute_loss_from_embeddings(self, student_embeddings, teacher_embeddings):
-            return super().compute_loss_from_embeddings(student_embeddings[:2], teacher_embeddings[:2])
-
-    class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
-        """Similarity KD of the student's ``bits``-bit fake-quantized outputs against the teacher's float scores.
-
-        Appends an (uncalibrated) ``MultiPrecisionQuantizer`` to the student at construction (so the trainer's
-        optimizer sees its ranges) and calibrates it on the first batch's student embeddings.
-        """
-
-        def __init__(self, model, teacher=None, precisions=(8, 4, 2, 1), **kwargs):
-            super().__init__(model, teacher=teacher, **kwargs)
-            from st_bitnet.multi_precision import MultiPrecisionQuantizer, find_quantizer
-
-            quantizer = find_quantizer(model)
-            if quantizer is None:
-                getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-                dim = getter()
-                quantizer = MultiPrecisionQuantizer(dim, precisions=(16, 8, 4, 2, 1), binary_threshold="offset")
-                model.append(quantizer.to(model.device))
-            self.precisions = tuple(int(b) for b in precisions)
-            object.__setattr__(self, "_quantizer", quantizer)  # not a submodule: it lives in the model
-
-        def compute_loss_from_embeddings(self, student_embeddings, teacher_embeddings):
-            quantizer = self._quantizer
-            if not quantizer.calibrated:
-                quantizer.calibrate(torch.cat([s.detach() for s in student_embeddings]).float())
-            with torch.no_grad():
-                teacher_scores = self.candidate_scores([t.detach().float() for t in teacher_embeddings])
-            terms = []
-            for bits in self.precisions:
-                quantized = [quantizer.fake_quantize(s.float(), bits) for s in student_embeddings]
-                terms.append(self.compute_loss_from_scores(self.candidate_scores(quantized), teacher_scores))
-            return torch.stack(terms).mean()
-
-    for cls in (PairSimilarityDistillationLoss, MultiPrecisionSimilarityDistillationLoss):
-        cls.__module__ = __name__
-        setattr(losses, cls.__name__, cls)
-        recipe_module.TEACHER_LOSSES.add(cls.__name__)
+    """Kept for callers of the former run-time registration: the two components now live in ``st_bitnet.losses``
+    (and in the recipe loss registry), so this only checks they are importable."""
+    from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss, PairSimilarityDistillationLoss  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,7 +132,7 @@ def train_stage(recipe, student=None, calibrate_norms: bool = False):
     set_seed(recipe.seed)
     train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)
     if student is None:
-        student = load_student(recipe)
+        student = load_student(recipe, train_dataset=train_dataset)  # train_dataset: calibrates a model.multi_precision quantizer
         if calibrate_norms:
             calibrate_projection_norms(student)
     student.max_seq_length = int(recipe.model.get("max_seq_length") or student.max_seq_length)

@@ -3,7 +3,10 @@
 Contrastive pre-training / fine-tuning reuses sentence-transformers' InfoNCE losses, re-exported here:
 ``MultipleNegativesRankingLoss`` (in-batch + hard negatives) and ``CachedMultipleNegativesRankingLoss``
 (GradCache, for batches larger than memory allows). st_bitnet adds the two distillation losses and their
-weighted combination (one shared forward pass, every component logged).
+weighted combination (one shared forward pass, every component logged), the multi-precision output loss
+(``MultiPrecisionLoss``, which can also be a component of the combination) and the two components of the issue #8
+ablation: ``PairSimilarityDistillationLoss`` (in-batch KL over (anchor, positive) only) and
+``MultiPrecisionSimilarityDistillationLoss`` (similarity KD of the 8/4/2/1-bit outputs).
 """
 
 from sentence_transformers.sentence_transformer.losses import (
@@ -14,6 +17,9 @@ from sentence_transformers.sentence_transformer.losses import (
 
 from .attention_relation_distillation import AttentionRelationDistillationLoss
 from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
+from .multi_precision_loss import MultiPrecisionLoss
+from .multi_precision_similarity_distillation import MultiPrecisionSimilarityDistillationLoss
+from .pair_similarity_distillation import PairSimilarityDistillationLoss
 from .qkv_capture import QKVCapture, find_qkv_projections
 from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
 from .weighted_combination import WeightedCombinationLoss
@@ -23,17 +29,12 @@ __all__ = [
     "CachedMultipleNegativesRankingLoss",
     "CoSENTLoss",
     "EmbeddingMSEDistillationLoss",
+    "MultiPrecisionLoss",
+    "MultiPrecisionSimilarityDistillationLoss",
     "MultipleNegativesRankingLoss",
+    "PairSimilarityDistillationLoss",
     "QKVCapture",
     "SimilarityDistributionDistillationLoss",
     "WeightedCombinationLoss",
     "find_qkv_projections",
 ]
-
-try:  # owned by the multi-precision work; may not exist yet
-    from .multi_precision_loss import MultiPrecisionLoss  # noqa: F401
-
-    __all__.append("MultiPrecisionLoss")
-except ModuleNotFoundError as error:
-    if error.name != __name__ + ".multi_precision_loss":
-        raise

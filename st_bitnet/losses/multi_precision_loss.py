@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +34,30 @@ def quantize_labels(labels: Any, quantizer: MultiPrecisionQuantizer, bits: int, 
         if bits == 1:
             return torch.where(labels > 0 if quantizer.binary_threshold == "zero" else z >= 0, 1.0, -1.0).to(labels.dtype)
         return z.clamp(-1.0, 1.0).to(labels.dtype)
+
+
+@contextmanager
+def quantizer_tied_to_forward(quantizer: MultiPrecisionQuantizer) -> Iterator[None]:
+    """While active, every model forward ties the quantizer's ranges into its output with a zero-valued term.
+
+    The losses fake-quantize the float output *after* the model's forward, so under ``DistributedDataParallel``
+    (which searches each forward's output graph for the parameters it used) the ranges look unused, are marked
+    ready early, and their gradient then arrives a second time ("Expected to mark a variable ready only once").
+    ``x + 0 * (offset.sum() + log_scale.sum())`` leaves every value and gradient as it was and makes the ranges part of
+    the forward. The hook runs inside the model (the quantizer is its last module), so inside DDP's forward.
+    """
+
+    def tie(module, args, output):
+        if torch.is_grad_enabled() and isinstance(output, dict) and isinstance(output.get("sentence_embedding"), Tensor):
+            zero = (module.offset.sum() + module.log_scale.sum()) * 0.0
+            output["sentence_embedding"] = output["sentence_embedding"] + zero.to(output["sentence_embedding"].dtype)
+        return output
+
+    handle = quantizer.register_forward_hook(tie)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _QuantizingForward:
@@ -143,6 +168,13 @@ class MultiPrecisionLoss(nn.Module):
                 trainer.train()
         """
         super().__init__()
+        if isinstance(loss, dict) or type(loss).__name__ == "WeightedCombinationLoss":
+            raise ValueError(
+                "MultiPrecisionLoss cannot wrap a WeightedCombinationLoss (it returns one value per component): put the "
+                "MultiPrecisionLoss inside the combination instead, e.g. WeightedCombinationLoss(model, {'contrastive': "
+                "MultiPrecisionLoss(model, MultipleNegativesRankingLoss(model)), 'similarity_kd': ...}); the student "
+                "and the teacher then still run once per batch."
+            )
         quantizer = find_quantizer(model)
         if quantizer is None:
             raise ValueError(
@@ -188,6 +220,35 @@ class MultiPrecisionLoss(nn.Module):
             raise ValueError("Need one weight per loss and at least one loss.")
         return sum(w * l for w, l in zip(weights, losses))
 
+    def compute_loss_over_precisions(
+        self,
+        embeddings: Sequence[Tensor],
+        labels: Any,
+        loss_fn: Callable[[list[Tensor], Any, int], Tensor],
+    ) -> Tensor:
+        """The weighted sum over (sampled) precisions of ``loss_fn(fake_quantized_columns, labels_at_bits, bits)``.
+
+        Tensor-only: ``embeddings`` are the float output columns (one forward pass, shared by every precision);
+        embedding-shaped ``labels`` are mapped into each precision's space (:func:`quantize_labels`).
+        :class:`~st_bitnet.losses.WeightedCombinationLoss` calls it with its own per-component dispatch, so a
+        teacher-driven inner loss reuses the combination's single teacher pass.
+        """
+        losses, weights = [], []
+        for bits, weight in self._sample_precisions():
+            quantized = [self.quantizer.fake_quantize(e, bits) for e in embeddings]
+            bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
+            losses.append(loss_fn(quantized, bit_labels, bits))
+            weights.append(weight)
+        return self.combine(losses, weights)
+
+    def compute_loss_from_embeddings(self, embeddings: Sequence[Tensor], labels: Any) -> Tensor:
+        """For inner losses with ``compute_loss_from_embeddings`` (``MultipleNegativesRankingLoss``, ``CoSENTLoss``...):
+        the multi-precision loss of already computed float embeddings (tensor-only)."""
+        inner = getattr(self.loss, "compute_loss_from_embeddings", None)
+        if inner is None:
+            raise ValueError(f"the inner loss {type(self.loss).__name__} has no compute_loss_from_embeddings")
+        return self.compute_loss_over_precisions(embeddings, labels, lambda quantized, bit_labels, _: inner(quantized, bit_labels))
+
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         if self.uses_gradient_cache:
             return self.loss(sentence_features, labels)
@@ -197,11 +258,12 @@ class MultiPrecisionLoss(nn.Module):
         losses, weights = [], []
         try:
             self.model.forward = decorated
-            for i, (bits, weight) in enumerate(self._sample_precisions()):
-                decorated.set_bits(bits, first=i == 0)
-                bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
-                losses.append(self.loss(sentence_features, bit_labels))
-                weights.append(weight)
+            with quantizer_tied_to_forward(self.quantizer):
+                for i, (bits, weight) in enumerate(self._sample_precisions()):
+                    decorated.set_bits(bits, first=i == 0)
+                    bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
+                    losses.append(self.loss(sentence_features, bit_labels))
+                    weights.append(weight)
         finally:
             self.model.forward = original_forward
         return self.combine(losses, weights)

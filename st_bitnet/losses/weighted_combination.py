@@ -1,14 +1,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .attention_relation_distillation import AttentionRelationDistillationLoss
+from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
+from .multi_precision_loss import MultiPrecisionLoss, quantize_labels, quantizer_tied_to_forward
 from .qkv_capture import QKVCapture
 from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
+
+
+def _inner(loss: nn.Module) -> nn.Module:
+    """The loss a :class:`MultiPrecisionLoss` applies at every precision (else the loss itself)."""
+    return loss.loss if isinstance(loss, MultiPrecisionLoss) else loss
 
 
 class WeightedCombinationLoss(nn.Module):
@@ -19,7 +27,11 @@ class WeightedCombinationLoss(nn.Module):
 
         Supported components: any loss with ``compute_loss_from_embeddings(embeddings, labels)`` (e.g.
         sentence-transformers' ``MultipleNegativesRankingLoss``, ``CoSENTLoss``),
-        :class:`SimilarityDistributionDistillationLoss` and :class:`AttentionRelationDistillationLoss`.
+        :class:`SimilarityDistributionDistillationLoss` (and its subclasses), :class:`AttentionRelationDistillationLoss`,
+        and :class:`MultiPrecisionLoss` wrapping any of these but the attention loss: its inner loss is applied to
+        the shared float embeddings fake-quantized at each precision (the teacher's embeddings stay float, except
+        for :class:`EmbeddingMSEDistillationLoss`, which compares coordinates and so sees them mapped into each
+        precision's space), weighted and summed into one logged component.
         The teacher is the one the distillation components hold (they must hold the same one). Cached
         (GradCache) losses run their own mini-batched forward passes and cannot share one: use them alone.
 
@@ -43,6 +55,12 @@ class WeightedCombinationLoss(nn.Module):
                     "similarity_kd": SimilarityDistributionDistillationLoss(student, teacher),
                     "attention_kd": AttentionRelationDistillationLoss(student, teacher),
                 }, weights={"contrastive": 1.0, "similarity_kd": 1.0, "attention_kd": 5.0})
+
+                # multi-precision outputs (the student's last module is a MultiPrecisionQuantizer):
+                loss = WeightedCombinationLoss(student, {
+                    "contrastive": MultiPrecisionLoss(student, MultipleNegativesRankingLoss(student)),
+                    "similarity_kd": MultiPrecisionLoss(student, SimilarityDistributionDistillationLoss(student, teacher)),
+                })
         """
         super().__init__()
         if not losses:
@@ -56,13 +74,21 @@ class WeightedCombinationLoss(nn.Module):
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.losses}
         teachers = []
         for name, loss in self.losses.items():
-            if type(loss).__name__.startswith("Cached"):
-                raise ValueError(f"component {name!r} ({type(loss).__name__}) runs its own cached forward passes: use it alone")
-            if isinstance(loss, (SimilarityDistributionDistillationLoss, AttentionRelationDistillationLoss)):
-                if loss.teacher is not None:
-                    teachers.append(loss.teacher)
-            elif not hasattr(loss, "compute_loss_from_embeddings"):
-                raise ValueError(f"component {name!r} ({type(loss).__name__}) has no compute_loss_from_embeddings")
+            inner = _inner(loss)
+            if type(inner).__name__.startswith("Cached") or getattr(loss, "uses_gradient_cache", False):
+                raise ValueError(f"component {name!r} ({type(inner).__name__}) runs its own cached forward passes: use it alone")
+            if inner is not loss and isinstance(inner, MultiPrecisionLoss):
+                raise ValueError(f"component {name!r}: a MultiPrecisionLoss inside a MultiPrecisionLoss; wrap the loss once")
+            if inner is not loss and isinstance(inner, AttentionRelationDistillationLoss):
+                raise ValueError(
+                    f"component {name!r}: the attention-relation loss does not read the output embedding, so "
+                    "MultiPrecisionLoss cannot apply it per precision; add it as its own component"
+                )
+            if isinstance(inner, (SimilarityDistributionDistillationLoss, AttentionRelationDistillationLoss)):
+                if inner.teacher is not None:
+                    teachers.append(inner.teacher)
+            elif not hasattr(inner, "compute_loss_from_embeddings"):
+                raise ValueError(f"component {name!r} ({type(inner).__name__}) has no compute_loss_from_embeddings")
         if any(t is not teachers[0] for t in teachers[1:]):
             raise ValueError("all distillation components must share the same FrozenTeacher object")
         self.teacher = teachers[0] if teachers else None
@@ -72,10 +98,40 @@ class WeightedCombinationLoss(nn.Module):
         self.attention_loss = attention[0] if attention else None
 
     def _needs_live_teacher_embeddings(self) -> bool:
-        return any(isinstance(l, SimilarityDistributionDistillationLoss) and l.teacher is not None for l in self.losses.values())
+        return any(
+            isinstance(_inner(l), SimilarityDistributionDistillationLoss) and _inner(l).teacher is not None
+            for l in self.losses.values()
+        )
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
         sentence_features = list(sentence_features)
+        with ExitStack() as stack:
+            for quantizer in self._quantizers():  # DDP: the ranges count as used in the forward
+                stack.enter_context(quantizer_tied_to_forward(quantizer))
+            student_embeddings, teacher_embeddings, attention_terms = self._forward_columns(sentence_features)
+
+        components = {}
+        for name, loss in self.losses.items():
+            if isinstance(loss, AttentionRelationDistillationLoss):
+                value = torch.stack(attention_terms).mean()
+            elif isinstance(loss, MultiPrecisionLoss):
+                value = self._multi_precision_value(name, loss, student_embeddings, teacher_embeddings, labels)
+            else:
+                value = self._output_value(name, loss, student_embeddings, teacher_embeddings, labels)
+            components[name] = self.weights[name] * value
+        return components
+
+    def _quantizers(self) -> list[nn.Module]:
+        """The output quantizers the components fake-quantize with (one object, in practice)."""
+        found = {}
+        for loss in self.losses.values():
+            quantizer = getattr(loss, "quantizer", None)
+            if isinstance(quantizer, nn.Module):
+                found[id(quantizer)] = quantizer
+        return list(found.values())
+
+    def _forward_columns(self, sentence_features: list[dict[str, Tensor]]):
+        """One student (and, when needed, one teacher) forward per column; the attention terms when captured."""
         attention = self.attention_loss
         student_embeddings, teacher_embeddings, attention_terms = [], [], []
         if attention is not None:
@@ -93,22 +149,30 @@ class WeightedCombinationLoss(nn.Module):
                 student_embeddings.append(self.model(dict(features))["sentence_embedding"])
                 if self._needs_live_teacher_embeddings():
                     teacher_embeddings.append(self.teacher.embed(features))
+        return student_embeddings, teacher_embeddings, attention_terms
 
-        components = {}
-        for name, loss in self.losses.items():
-            if isinstance(loss, AttentionRelationDistillationLoss):
-                value = torch.stack(attention_terms).mean()
-            elif isinstance(loss, SimilarityDistributionDistillationLoss):
-                if loss.teacher is not None:
-                    value = loss.compute_loss_from_embeddings(student_embeddings, teacher_embeddings)
-                elif labels is None:
-                    raise ValueError(f"component {name!r} has no teacher and the batch has no precomputed teacher scores")
-                else:
-                    value = loss.compute_loss_from_labels(student_embeddings, labels)
-            else:
-                value = loss.compute_loss_from_embeddings(student_embeddings, labels)
-            components[name] = self.weights[name] * value
-        return components
+    @staticmethod
+    def _output_value(name: str, loss: nn.Module, student_embeddings, teacher_embeddings, labels) -> Tensor:
+        """One component that reads the output embeddings (float, or fake-quantized by a MultiPrecisionLoss)."""
+        if isinstance(loss, SimilarityDistributionDistillationLoss):
+            if loss.teacher is not None:
+                return loss.compute_loss_from_embeddings(student_embeddings, teacher_embeddings)
+            if labels is None:
+                raise ValueError(f"component {name!r} has no teacher and the batch has no precomputed teacher scores")
+            return loss.compute_loss_from_labels(student_embeddings, labels)
+        return loss.compute_loss_from_embeddings(student_embeddings, labels)
+
+    def _multi_precision_value(self, name, loss: MultiPrecisionLoss, student_embeddings, teacher_embeddings, labels):
+        inner, quantizer = loss.loss, loss.quantizer
+        map_teacher = isinstance(inner, EmbeddingMSEDistillationLoss)  # compares coordinates, not similarities
+
+        def at_bits(quantized: list[Tensor], bit_labels, bits: int) -> Tensor:
+            teacher = teacher_embeddings
+            if map_teacher:
+                teacher = [quantize_labels(t, quantizer, bits, quantizer.embedding_dimension) for t in teacher]
+            return self._output_value(name, inner, quantized, teacher, bit_labels)
+
+        return loss.compute_loss_over_precisions(student_embeddings, labels, at_bits)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
