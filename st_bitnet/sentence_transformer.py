@@ -36,14 +36,25 @@ def is_decoder_config(config) -> bool:
 
 
 def _ensure_eos_appended(tokenizer) -> None:
-    """Last-token pooling reads the EOS position: make the tokenizer append EOS where it can."""
+    """Last-token pooling reads the EOS position: make the tokenizer append EOS where it can.
+
+    A BOS the tokenizer already prepends is kept explicit too (``add_bos_token``): some tokenizers (Gemma's built
+    from a GGUF file) prepend it through their post-processor while reporting ``add_bos_token=False``, and a saved
+    copy is rebuilt from those flags at load, which would silently drop BOS (Gemma embeds badly without it).
+    """
     if tokenizer is None or getattr(tokenizer, "eos_token", None) is None:
         return
-    if hasattr(tokenizer, "add_eos_token"):
-        try:
-            tokenizer.add_eos_token = True
-        except Exception:  # some tokenizers expose it read-only
-            pass
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    try:
+        prepends_bos = bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id]
+    except Exception:  # a processor or an unusual tokenizer: leave BOS handling as it is
+        prepends_bos = False
+    for flag, wanted in (("add_eos_token", True), ("add_bos_token", prepends_bos)):
+        if wanted and hasattr(tokenizer, flag):
+            try:
+                setattr(tokenizer, flag, True)
+            except Exception:  # some tokenizers expose it read-only
+                pass
 
 
 def _cache_dir() -> Path:

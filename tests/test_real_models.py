@@ -54,7 +54,12 @@ def test_gemma3_270m_real_weights(tmp_path):
     gguf = g.assemble()
     model = build_sentence_transformer(str(gguf.parent), gguf_file=gguf.name)
     assert model[1].pooling_mode == "lasttoken"
+    tokenizer = model.tokenizer
     out, emb = _round_trip(model, tmp_path, stock_atol=1e-4)
+    # Gemma needs <bos> first; last-token pooling needs <eos> last, also after save + reload.
+    for st_model in (model, load(str(out))):
+        ids = st_model.tokenize(["hello world"])["input_ids"][0].tolist()
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id, ids
     assert np.isfinite(emb).all()
     assert linear_bits_per_weight(out) <= 2.1
     assert linear_bits_per_weight(out, include_norms=True) <= 2.1
