@@ -5,11 +5,21 @@ Sections (see ``recipes/README.md`` for a full example):
 * ``model``: ``path`` (Hub id, folder, or ``pkg:<python package>`` exposing ``get_model_path()``),
   ``convert`` (BitNet conversion before training; false for teacher fine-tuning), ``conversion``
   (:class:`~st_bitnet.BitNetConversionConfig` fields), ``max_seq_length``, ``lora`` (peft ``LoraConfig``
-  fields, to fine-tune the teacher with adapters), ``pack`` (also save a packed copy after training).
+  fields, to fine-tune the teacher with adapters), ``pack`` (also save a packed copy after training),
+  ``multi_precision`` (train 16/8/4/2/1-bit outputs: ``{precisions: [16, 8, 4, 2, 1], pooling: mean,
+  calibration_rows: 512}`` appends a ``MultiPrecisionQuantizer`` calibrated on that many training texts, see
+  :func:`parse_multi_precision`), ``trust_remote_code`` (to load a saved model with st_bitnet modules).
+  A raw transformers backbone (no ``modules.json``) or ``gguf_file`` (a GGUF file inside ``path``, dequantized once
+  and cached) is built into an embedder by :func:`st_bitnet.sentence_transformer.build_sentence_transformer`, with
+  ``pooling`` (``mean`` | ``cls`` | ``lasttoken`` | ``max``; default last token for decoders, mean for encoders),
+  ``normalize`` (default true) and ``prompts`` (the model's named prompts, saved with it). ``freeze``
+  (``{embeddings: true, trainable_layers: 4}``) stops gradients to the token embeddings and to every transformer
+  layer below the top ``trainable_layers``, see :func:`parse_model_backbone`.
 * ``teacher``: ``path``, ``device``, ``dtype``; required by the distillation losses.
 * ``datasets``: a list of :class:`~st_bitnet.training.datasets.DatasetSpec` entries.
 * ``prompts``: instruction prompts, ``{column: prompt}`` (e.g. ``{anchor: "query: "}``).
-* ``loss``: ``{component_name: {type: LossClass, weight: float, ...loss arguments}}``.
+* ``loss``: ``{component_name: {type: LossClass, weight: float, ...loss arguments}}``; ``multi_precision: true``
+  (or ``{precisions: [...], precision_weights: [...]}``) on a component wraps it in ``MultiPrecisionLoss``.
 * ``training``: ``SentenceTransformerTrainingArguments`` fields (batch size, lr, max_steps, save_steps,
   ``ddp_backend``, ``fsdp``...).
 * ``evaluation``: dev sets to score before / after training (``stsb``, ``sick``).
@@ -28,11 +38,34 @@ from .datasets import DatasetSpec, check_spec
 
 TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", "prompts", "loss", "training",
                   "evaluation", "resume_from_checkpoint", "description"}  # fmt: skip
-MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device"}
-TEACHER_KEYS = {"path", "device", "dtype"}
+MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device",
+              "multi_precision", "trust_remote_code", "gguf_file", "pooling", "normalize", "prompts",
+              "freeze"}  # fmt: skip
+# Keys that build the embedder from a raw backbone / GGUF; the teacher section takes them too.
+BACKBONE_KEYS = ("gguf_file", "pooling", "normalize", "prompts")
+TEACHER_KEYS = {"path", "device", "dtype", "max_seq_length", *BACKBONE_KEYS}
+FREEZE_KEYS = {"embeddings", "trainable_layers"}
+FREEZE_EXAMPLE = "{embeddings: true, trainable_layers: 4}"
 # Loss types that read a teacher (live, or to precompute scores).
-TEACHER_LOSSES = {"SimilarityDistributionDistillationLoss", "AttentionRelationDistillationLoss", "EmbeddingMSEDistillationLoss"}
+TEACHER_LOSSES = {
+    "SimilarityDistributionDistillationLoss",
+    "AttentionRelationDistillationLoss",
+    "EmbeddingMSEDistillationLoss",
+    "PairSimilarityDistillationLoss",
+    "MultiPrecisionSimilarityDistillationLoss",
+}
 EVALUATION_SETS = ("stsb", "sick")
+
+# model.multi_precision: the output quantizer the runner appends to the student before training.
+MULTI_PRECISION_KEYS = {"precisions", "pooling", "calibration_rows", "calibration", "std_multiplier", "binary_threshold"}
+MULTI_PRECISION_EXAMPLE = "{precisions: [16, 8, 4, 2, 1], pooling: mean, calibration_rows: 512}"
+POOLING_MODES = ("mean", "cls", "lasttoken", "max")
+POOLING_KEYS = {"mode", "normalization", "include_prompt"}
+POOLING_NORMALIZATIONS = ("rms", "layer", "none")
+# loss.<name>.multi_precision: the MultiPrecisionLoss wrapper of one component.
+LOSS_MULTI_PRECISION_KEYS = {"precisions", "precision_weights", "n_precisions_per_step"}
+# Components that cannot be wrapped: no output embedding to quantize, or already multi-precision.
+NOT_MULTI_PRECISION_WRAPPABLE = {"AttentionRelationDistillationLoss", "MultiPrecisionLoss", "MultiPrecisionSimilarityDistillationLoss"}
 
 
 class RecipeError(ValueError):
@@ -53,6 +86,226 @@ class Recipe:
     evaluation: list[str] = field(default_factory=list)
     resume_from_checkpoint: str | bool | None = None
     source: str | None = None
+
+
+@dataclass(frozen=True)
+class MultiPrecisionSpec:
+    """The validated ``model.multi_precision`` section.
+
+    Attributes:
+        precisions: bit widths the quantizer serves (widest first), e.g. ``(16, 8, 4, 2, 1)``.
+        pooling: None keeps the model's pooling; else ``{"mode", "normalization", "include_prompt"}`` for the
+            ``QuantizationAwarePooling`` that replaces its ``Pooling`` (+ ``Normalize``); a None mode / include_prompt
+            keeps the replaced pooling's.
+        calibration_rows: number of training texts the quantizer's ranges are calibrated on.
+        calibration: ``"std"`` (median / ``std_multiplier`` x std) or ``"minmax"``.
+        std_multiplier: half-width of the ``"std"`` range in standard deviations.
+        binary_threshold: ``"offset"`` (nested 1-bit code, trained) or ``"zero"`` (sign of the value).
+    """
+
+    precisions: tuple[int, ...] = (16, 8, 4, 2, 1)
+    pooling: dict[str, Any] | None = None
+    calibration_rows: int = 512
+    calibration: str = "std"
+    std_multiplier: float = 2.0
+    binary_threshold: str = "offset"
+
+
+def _parse_precisions(value: Any, what: str) -> tuple[int, ...]:
+    from st_bitnet.multi_precision.precision import resolve_bits
+
+    if not isinstance(value, (list, tuple)) or not value:
+        raise RecipeError(f"{what} must be a non-empty list of bit widths out of [16, 8, 4, 2, 1], got {value!r}")
+    try:
+        bits = [resolve_bits(v) for v in value]
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"{what}: {error}") from None
+    if len(set(bits)) != len(bits):
+        raise RecipeError(f"{what} lists a bit width twice: {list(value)}")
+    return tuple(bits)
+
+
+def _parse_pooling(value: Any, where: str) -> dict[str, Any] | None:
+    what = f"model.multi_precision.pooling{where}"
+    if value is None or value == "keep":
+        return None
+    if isinstance(value, str):
+        value = {"mode": value}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{what} must be 'keep', a pooling mode {POOLING_MODES} or {{mode, normalization, include_prompt}}")
+    bad = set(value) - POOLING_KEYS
+    if bad:
+        raise RecipeError(f"unknown key(s) {sorted(bad)} in {what}; known: {sorted(POOLING_KEYS)}")
+    mode = value.get("mode")
+    if mode is not None and mode not in POOLING_MODES:
+        raise RecipeError(f"{what}: unknown pooling mode {mode!r}; known: 'keep', {', '.join(POOLING_MODES)}")
+    normalization = value.get("normalization", "rms")
+    if normalization not in POOLING_NORMALIZATIONS:
+        raise RecipeError(f"{what}.normalization must be one of {POOLING_NORMALIZATIONS}, got {normalization!r}")
+    include_prompt = value.get("include_prompt")
+    if include_prompt is not None and not isinstance(include_prompt, bool):
+        raise RecipeError(f"{what}.include_prompt must be true or false, got {include_prompt!r}")
+    return {"mode": mode, "normalization": normalization, "include_prompt": include_prompt}
+
+
+def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisionSpec | None:
+    """Validate ``model.multi_precision``: ``true`` (defaults), a mapping, or false / null (off).
+
+    Mapping keys: ``precisions`` (default ``[16, 8, 4, 2, 1]``), ``pooling`` (``keep`` (default), ``mean``, ``cls``,
+    ``lasttoken``, ``max``, or ``{mode, normalization: rms|layer|none, include_prompt}``), ``calibration_rows``
+    (training texts to calibrate on, default 512, at least 2), ``calibration`` (``std`` | ``minmax``),
+    ``std_multiplier`` (default 2.0), ``binary_threshold`` (``offset`` | ``zero``).
+
+    Raises:
+        RecipeError: naming the bad key and what it accepts.
+    """
+    where = f" in {source}" if source else ""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return MultiPrecisionSpec()
+    section = f"model.multi_precision{where}"
+    if not isinstance(value, dict):
+        raise RecipeError(f"{section} must be true or a mapping like {MULTI_PRECISION_EXAMPLE}; got {value!r}")
+    bad = set(value) - MULTI_PRECISION_KEYS
+    if bad:
+        raise RecipeError(f"unknown key(s) {sorted(bad)} in {section}; known: {sorted(MULTI_PRECISION_KEYS)}")
+    spec = MultiPrecisionSpec()
+    precisions = spec.precisions
+    if "precisions" in value:
+        precisions = _parse_precisions(value["precisions"], f"model.multi_precision.precisions{where}")
+    rows = value.get("calibration_rows", spec.calibration_rows)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 2:
+        raise RecipeError(f"model.multi_precision.calibration_rows{where} must be an integer >= 2 (training texts), got {rows!r}")
+    calibration = value.get("calibration", spec.calibration)
+    if calibration not in ("std", "minmax"):
+        raise RecipeError(f"model.multi_precision.calibration{where} must be 'std' or 'minmax', got {calibration!r}")
+    multiplier = value.get("std_multiplier", spec.std_multiplier)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier > 0:
+        raise RecipeError(f"model.multi_precision.std_multiplier{where} must be a positive number, got {multiplier!r}")
+    threshold = value.get("binary_threshold", spec.binary_threshold)
+    if threshold not in ("offset", "zero"):
+        raise RecipeError(f"model.multi_precision.binary_threshold{where} must be 'offset' or 'zero', got {threshold!r}")
+    return MultiPrecisionSpec(
+        precisions=tuple(sorted(precisions, reverse=True)),
+        pooling=_parse_pooling(value.get("pooling"), where),
+        calibration_rows=rows,
+        calibration=calibration,
+        std_multiplier=float(multiplier),
+        binary_threshold=threshold,
+    )
+
+
+def parse_loss_multi_precision(
+    name: str, component: dict, model_spec: MultiPrecisionSpec | None, where: str = ""
+) -> dict | None:
+    """Validate a loss component's ``multi_precision`` option (true, false or {precisions, precision_weights,
+    n_precisions_per_step}) and the model section it needs; returns the ``MultiPrecisionLoss`` keyword arguments
+    (None when the component is not wrapped)."""
+    value = component.get("multi_precision", False)
+    add_section = f"add model.multi_precision: {MULTI_PRECISION_EXAMPLE}"
+    if component["type"] == "MultiPrecisionLoss" and value in (False, None):
+        if model_spec is None:
+            raise RecipeError(f"loss component {name!r} (MultiPrecisionLoss){where} needs the student's output quantizer: {add_section}")
+        if "precisions" in component:
+            _check_served(name, _parse_precisions(component["precisions"], f"loss.{name}.precisions{where}"), model_spec, where)
+        return None
+    if value is False or value is None:
+        return None
+    if model_spec is None:
+        raise RecipeError(f"loss component {name!r}{where} sets multi_precision, but the model has no output quantizer: {add_section}")
+    if component["type"] in NOT_MULTI_PRECISION_WRAPPABLE:
+        why = "it does not read the output embedding" if component["type"] == "AttentionRelationDistillationLoss" else (
+            "it already trains the low-bit outputs")  # fmt: skip
+        raise RecipeError(f"loss component {name!r} ({component['type']}){where} cannot take multi_precision: {why}")
+    if value is True:
+        return {"precisions": list(model_spec.precisions)}
+    option = f"loss.{name}.multi_precision{where}"
+    if not isinstance(value, dict):
+        raise RecipeError(f"{option} must be true or {{precisions, precision_weights, n_precisions_per_step}}")
+    bad = set(value) - LOSS_MULTI_PRECISION_KEYS
+    if bad:
+        raise RecipeError(f"unknown key(s) {sorted(bad)} in {option}; known: {sorted(LOSS_MULTI_PRECISION_KEYS)}")
+    kwargs = dict(value)
+    bits = _parse_precisions(kwargs.get("precisions", list(model_spec.precisions)), f"{option}: precisions")
+    _check_served(name, bits, model_spec, where)
+    kwargs["precisions"] = list(bits)
+    weights = kwargs.get("precision_weights")
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(bits)):
+        raise RecipeError(f"{option}: precision_weights needs one weight per precision {list(bits)}")
+    per_step = kwargs.get("n_precisions_per_step", -1)
+    if isinstance(per_step, bool) or not isinstance(per_step, int):
+        raise RecipeError(f"{option}: n_precisions_per_step must be an integer (-1 = every precision), got {per_step!r}")
+    return kwargs
+
+
+def _check_served(name: str, bits: tuple[int, ...], model_spec: MultiPrecisionSpec, where: str) -> None:
+    unserved = [b for b in bits if b not in model_spec.precisions]
+    if unserved:
+        raise RecipeError(
+            f"loss component {name!r}{where} trains {unserved}-bit outputs, but model.multi_precision.precisions is "
+            f"{list(model_spec.precisions)}"
+        )
+
+
+def parse_model_backbone(section: dict, what: str = "model", where: str = "") -> dict:
+    """Validate the keys that decide how the embedder is built and trained (``model`` or ``teacher`` section).
+
+    * ``gguf_file``: a ``.gguf`` file name inside ``path`` (a local folder or a Hub repo);
+    * ``pooling``: ``mean`` | ``cls`` | ``lasttoken`` | ``max``, only for a raw backbone or a GGUF (a
+      SentenceTransformer folder keeps its own pooling; giving one there is an error at load time);
+    * ``normalize``: true / false (L2 ``Normalize`` after the pooling, same rule as ``pooling``);
+    * ``prompts``: ``{name: prompt}``, the model's own prompts (``encode(prompt_name=...)``, saved with it);
+    * ``freeze`` (model section only): ``{embeddings: bool, trainable_layers: int >= 0 | null}``, or null / false.
+
+    Returns the section with ``freeze`` normalised to ``{"embeddings": bool, "trainable_layers": int | None}`` or None.
+
+    Raises:
+        RecipeError: naming the bad key and what it accepts.
+    """
+    section = dict(section)
+    gguf_file = section.get("gguf_file")
+    if gguf_file is not None and (not isinstance(gguf_file, str) or not gguf_file.endswith(".gguf")):
+        raise RecipeError(f"{what}.gguf_file{where} must be the name of a .gguf file inside {what}.path, got {gguf_file!r}")
+    pooling = section.get("pooling")
+    if pooling is not None and pooling not in POOLING_MODES:
+        raise RecipeError(f"{what}.pooling{where} must be one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+    normalize = section.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise RecipeError(f"{what}.normalize{where} must be true or false, got {normalize!r}")
+    prompts = section.get("prompts")
+    if prompts is not None and (
+        not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+    ):
+        raise RecipeError(f"{what}.prompts{where} must map prompt names to strings, e.g. {{query: 'query: '}}, got {prompts!r}")
+    if "freeze" in section:
+        section["freeze"] = parse_freeze(section["freeze"], f"{what}.freeze{where}")
+    return section
+
+
+def parse_freeze(value: Any, what: str = "model.freeze") -> dict | None:
+    """``model.freeze``: ``{embeddings: true, trainable_layers: N}`` (either key optional), or null / false (off).
+
+    ``embeddings`` freezes the backbone's token (input) embeddings; ``trainable_layers: N`` freezes every
+    transformer layer below the top ``N`` (0 freezes them all; null / absent freezes none).
+    """
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise RecipeError(f"{what} must be a mapping like {FREEZE_EXAMPLE}, got {value!r}")
+    bad = set(value) - FREEZE_KEYS
+    if bad:
+        raise RecipeError(f"unknown key(s) {sorted(bad)} in {what}; known: {sorted(FREEZE_KEYS)}")
+    embeddings = value.get("embeddings", False)
+    if not isinstance(embeddings, bool):
+        raise RecipeError(f"{what}.embeddings must be true or false, got {embeddings!r}")
+    layers = value.get("trainable_layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+        raise RecipeError(
+            f"{what}.trainable_layers must be an integer >= 0 (train only the top N transformer layers) or null "
+            f"(freeze no layer), got {layers!r}"
+        )
+    return {"embeddings": embeddings, "trainable_layers": layers}
 
 
 def _parse_value(text: str) -> Any:
@@ -113,12 +366,18 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     if bad:
         raise RecipeError(f"unknown model option(s) {sorted(bad)}{where}; known: {sorted(MODEL_KEYS)}")
     model.setdefault("convert", True)
+    model = parse_model_backbone(model, "model", where)
+    model["multi_precision"] = parse_multi_precision(model.get("multi_precision"), source)
     teacher = raw.get("teacher")
     if teacher is not None:
         teacher = dict(teacher)
         bad = set(teacher) - TEACHER_KEYS
         if bad or "path" not in teacher:
-            raise RecipeError(f"the teacher section{where} needs 'path' (and optionally device, dtype); got {sorted(teacher)}")
+            raise RecipeError(
+                f"the teacher section{where} needs 'path' (and optionally {', '.join(sorted(TEACHER_KEYS - {'path'}))}); "
+                f"got {sorted(teacher)}"
+            )
+        teacher = parse_model_backbone(teacher, "teacher", where)
 
     if not isinstance(raw["datasets"], list):
         raise RecipeError(f"'datasets'{where} must be a list of dataset entries")
@@ -138,6 +397,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     for name, component in loss.items():
         if not isinstance(component, dict) or "type" not in component:
             raise RecipeError(f"loss component {name!r}{where} needs a 'type'")
+        parse_loss_multi_precision(name, component, model["multi_precision"], where)
         nested = [v["type"] for v in component.values() if isinstance(v, dict) and "type" in v]
         if TEACHER_LOSSES & {component["type"], *nested} and teacher is None:
             raise RecipeError(

@@ -16,7 +16,7 @@ from typing import Any
 
 from .callbacks import LossLogCallback
 from .datasets import load_training_datasets
-from .recipe import Recipe, RecipeError, load_recipe
+from .recipe import MultiPrecisionSpec, Recipe, RecipeError, load_recipe, parse_freeze, parse_multi_precision
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +43,155 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None):
-    """The student SentenceTransformer: loaded, BitNet-converted (``model.convert``), optionally with LoRA.
+def multi_precision_spec(recipe: Recipe) -> MultiPrecisionSpec | None:
+    """The validated ``model.multi_precision`` (a Recipe built by hand may hold the raw YAML value)."""
+    value = recipe.model.get("multi_precision")
+    return value if isinstance(value, MultiPrecisionSpec) else parse_multi_precision(value)
+
+
+def _is_sentence_transformer_folder(path: str) -> bool:
+    """True when ``path`` (a local folder, else a Hub repo) holds sentence-transformers' ``modules.json``."""
+    if Path(path).is_dir():
+        return (Path(path) / "modules.json").is_file()
+    from sentence_transformers.util import is_sentence_transformer_model
+
+    return is_sentence_transformer_model(path)
+
+
+def _gguf_folder(path: str, gguf_file: str, what: str) -> str:
+    """The local folder holding ``gguf_file``: ``path`` itself, or the Hub snapshot the file is downloaded to."""
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / gguf_file).is_file():
+            raise FileNotFoundError(f"{what}.gguf_file: {gguf_file!r} not found in the folder {str(folder)!r}")
+        return str(folder)
+    if folder.exists():
+        raise RecipeError(f"{what}.path must be the folder (or Hub repo) holding {what}.gguf_file, got the file {path!r}")
+    from huggingface_hub import hf_hub_download
+
+    return str(Path(hf_hub_download(path, gguf_file)).parent)
+
+
+def load_embedder(spec: dict, what: str = "model", device: str | None = None):
+    """The SentenceTransformer a ``model`` (or ``teacher``) section names, before any conversion or freezing.
+
+    A sentence-transformers folder / repo (``modules.json``) loads as saved (``pooling`` / ``normalize`` are then an
+    error: it has its own); a raw transformers backbone, or ``gguf_file`` inside ``path``, is built by
+    :func:`st_bitnet.sentence_transformer.build_sentence_transformer` (full precision; default pooling last token
+    for decoders with EOS appended and a prepended BOS kept, mean for encoders; ``normalize`` default true; a GGUF
+    is dequantized once and cached). ``max_seq_length`` and ``prompts`` (merged into the model's) apply to both.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model_path(spec["path"])
+    device = device if device is not None else spec.get("device")
+    gguf_file = spec.get("gguf_file")
+    build_keys = [k for k in ("pooling", "normalize") if spec.get(k) is not None]
+    if gguf_file is None and _is_sentence_transformer_folder(path):
+        if build_keys:
+            raise RecipeError(
+                f"{what}.{build_keys[0]} is set, but {what}.path {path!r} is already a SentenceTransformer (modules.json) "
+                f"with its own pooling: remove {', '.join(f'{what}.{k}' for k in build_keys)}, or point {what}.path at "
+                "the raw transformers backbone"
+            )
+        model = SentenceTransformer(path, device=device, trust_remote_code=bool(spec.get("trust_remote_code")))
+        if spec.get("max_seq_length"):
+            model.max_seq_length = int(spec["max_seq_length"])
+    else:
+        from st_bitnet.sentence_transformer import build_sentence_transformer
+
+        if gguf_file is not None:
+            path = _gguf_folder(path, gguf_file, what)
+        model = build_sentence_transformer(
+            path,
+            gguf_file=gguf_file,
+            pooling=spec.get("pooling"),
+            normalize=spec.get("normalize", True) is not False,
+            max_seq_length=int(spec["max_seq_length"]) if spec.get("max_seq_length") else None,
+            convert_model=False,  # the caller converts (model.convert), after this
+            device=device,
+        )
+        logger.info("%s: built from the raw backbone %s%s with %s pooling", what, path,
+                    f" ({gguf_file})" if gguf_file else "", model[1].get_config_dict().get("pooling_mode"))  # fmt: skip
+    if spec.get("prompts"):
+        model.prompts = {**(model.prompts or {}), **spec["prompts"]}
+    return model
+
+
+TRANSFORMER_LAYER_PATHS = ("layers", "encoder.layer", "encoder.layers", "language_model.layers", "transformer.h", "h",
+                           "decoder.layers")  # fmt: skip
+
+
+def find_transformer_layers(backbone):
+    """The ``nn.ModuleList`` of transformer blocks: ``layers`` (Llama / Qwen / Gemma...), ``encoder.layer`` (BERT...)
+    and a few other usual names, on the model or its ``base_model``.
+
+    Raises:
+        RecipeError: when none of those names holds a non-empty ``ModuleList``.
+    """
+    from torch import nn
+
+    for root in dict.fromkeys([backbone, getattr(backbone, "base_model", backbone)]):
+        for name in TRANSFORMER_LAYER_PATHS:
+            try:
+                layers = root.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise RecipeError(
+        f"model.freeze.trainable_layers: cannot find the transformer layer list of {type(backbone).__name__} "
+        f"(looked for {', '.join(TRANSFORMER_LAYER_PATHS)}); freeze only the embeddings, or train every layer"
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts (a tied weight counted once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def apply_freeze(model, freeze: dict | None) -> tuple[int, int]:
+    """Apply ``model.freeze`` in place: ``requires_grad_(False)`` on the token embeddings (``embeddings: true``)
+    and on every transformer layer below the top ``trainable_layers``; the rest (final norm, pooling, output
+    quantizer...) keeps training. The trainer's optimizer then holds only the trainable parameters, so frozen
+    weights get neither updates nor weight decay. Returns (trainable, total) parameter counts.
+    """
+    from st_bitnet.sentence_transformer import transformers_models
+
+    if not freeze:
+        return count_parameters(model)
+    backbones = transformers_models(model)
+    if not backbones:
+        raise RecipeError("model.freeze needs a model with a transformers backbone")
+    for backbone in backbones:
+        if freeze.get("embeddings"):
+            embeddings = backbone.get_input_embeddings()
+            if embeddings is None:
+                raise RecipeError(f"model.freeze.embeddings: {type(backbone).__name__} has no input embeddings")
+            embeddings.requires_grad_(False)
+        keep = freeze.get("trainable_layers")
+        if keep is not None:
+            layers = find_transformer_layers(backbone)
+            if keep > len(layers):
+                raise RecipeError(
+                    f"model.freeze.trainable_layers is {keep}, but {type(backbone).__name__} has {len(layers)} layers"
+                )
+            for layer in list(layers)[: len(layers) - keep]:
+                layer.requires_grad_(False)
+    return count_parameters(model)
+
+
+def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None, train_dataset=None):
+    """The student SentenceTransformer: loaded (:func:`load_embedder`: a SentenceTransformer folder, a raw backbone
+    or a GGUF file), BitNet-converted (``model.convert``), optionally with LoRA, frozen in part (``model.freeze``),
+    and with ``model.multi_precision`` its output quantizer (calibrated on texts of ``train_dataset``).
 
     With norms in the conversion, their weights are fitted on ``model.calibrate_norms`` training sentences
     (default 64; 0 keeps them at ones), see :func:`st_bitnet.calibration.calibrate_norms`.
     """
-    from sentence_transformers import SentenceTransformer
-
     spec = recipe.model
-    model = SentenceTransformer(resolve_model_path(spec["path"]), device=spec.get("device"))
-    if spec.get("max_seq_length"):
-        model.max_seq_length = int(spec["max_seq_length"])
+    model = load_embedder(spec, "model")
     if spec.get("convert", True):
         import st_bitnet
 
@@ -73,6 +210,19 @@ def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None)
         from peft import LoraConfig
 
         model.add_adapter(LoraConfig(**{"task_type": "FEATURE_EXTRACTION", **spec["lora"]}))
+    freeze = parse_freeze(spec.get("freeze"))  # idempotent; a Recipe built by hand may hold the raw YAML value
+    if freeze:
+        trainable, total = apply_freeze(model, freeze)
+        logger.info("model.freeze %s: %d of %d parameters stay trainable (%.1f%%)", freeze, trainable, total,
+                    100 * trainable / max(total, 1))  # fmt: skip
+    multi_precision = multi_precision_spec(recipe)
+    if multi_precision is not None:
+        from .output_quantizer import attach_output_quantizer, calibration_texts
+
+        if train_dataset is None:
+            raise RecipeError("model.multi_precision needs the training data to calibrate the quantizer on")
+        texts = calibration_texts(train_dataset, multi_precision.calibration_rows, recipe.prompts)
+        attach_output_quantizer(model, multi_precision, texts)
     return model
 
 
@@ -110,7 +260,8 @@ def load_teacher(recipe: Recipe, student):
     device = recipe.teacher.get("device")
     if device is None:
         device = str(student.device)
-    return FrozenTeacher(resolve_model_path(recipe.teacher["path"]), device=device, dtype=dtype, student=student)
+    model = load_embedder(recipe.teacher, "teacher", device=device)
+    return FrozenTeacher(model, device=device, dtype=dtype, student=student)
 
 
 def loss_class(name: str):
@@ -123,22 +274,41 @@ def loss_class(name: str):
     raise RecipeError(f"unknown loss type {name!r}: use a class of st_bitnet.losses or sentence-transformers' losses")
 
 
-def _instantiate_loss(name: str, params: dict, student, teacher):
-    """One loss from its recipe entry; a nested ``{type: ...}`` argument (a wrapper's inner loss) is built too."""
+def _instantiate_loss(name: str, params: dict, student, teacher, model_spec=None):
+    """One loss from its recipe entry; a nested ``{type: ...}`` argument (a wrapper's inner loss) is built too, and
+    ``multi_precision: true`` wraps the component in ``MultiPrecisionLoss``."""
+    from .recipe import parse_loss_multi_precision
+
     params = dict(params)
+    wrap = parse_loss_multi_precision(name, params, model_spec)
+    params.pop("multi_precision", None)
     cls = loss_class(params.pop("type"))
     precomputed = params.pop("precompute_teacher_scores", False)
     if "teacher" in inspect.signature(cls.__init__).parameters:
         params["teacher"] = None if precomputed else teacher
     for key, value in params.items():
         if isinstance(value, dict) and "type" in value:
-            params[key] = _instantiate_loss(f"{name}.{key}", value, student, teacher)
+            params[key] = _instantiate_loss(f"{name}.{key}", value, student, teacher, model_spec)
         elif isinstance(value, list) and key in ("directions", "relations"):
             params[key] = tuple(value)
+    from st_bitnet.losses import MultiPrecisionLoss
+
+    if cls is MultiPrecisionLoss and "precisions" not in params and model_spec is not None:
+        params["precisions"] = list(model_spec.precisions)  # default: every precision the quantizer serves
     try:
-        return cls(student, **params)
+        loss = cls(student, **params)
     except TypeError as error:
         raise RecipeError(f"loss component {name!r}: {error}") from None
+    if wrap is not None:
+        loss = MultiPrecisionLoss(student, loss, **wrap)
+    return loss
+
+
+def _runs_its_own_teacher_per_precision(loss) -> bool:
+    """A standalone MultiPrecisionLoss over a teacher loss would run the teacher once per precision."""
+    from st_bitnet.losses import MultiPrecisionLoss
+
+    return isinstance(loss, MultiPrecisionLoss) and getattr(loss.loss, "teacher", None) is not None
 
 
 def build_loss(recipe: Recipe, student, teacher):
@@ -149,9 +319,11 @@ def build_loss(recipe: Recipe, student, teacher):
     for name, spec in recipe.loss.items():
         params = dict(spec)
         weights[name] = float(params.pop("weight", 1.0))
-        components[name] = _instantiate_loss(name, params, student, teacher)
+        components[name] = _instantiate_loss(name, params, student, teacher, multi_precision_spec(recipe))
     if len(components) == 1 and next(iter(weights.values())) == 1.0:
-        return next(iter(components.values()))
+        only = next(iter(components.values()))
+        if not _runs_its_own_teacher_per_precision(only):
+            return only
     return WeightedCombinationLoss(student, components, weights)
 
 
@@ -221,7 +393,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None):
 
     set_seed(recipe.seed)
     train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)  # data errors before model loading
-    student = load_student(recipe, _calibration_sentences(train_dataset))
+    student = load_student(recipe, _calibration_sentences(train_dataset), train_dataset)
     teacher = load_teacher(recipe, student)
     train_dataset = _precompute_scores(recipe, train_dataset, teacher)
     loss = build_loss(recipe, student, teacher)
@@ -248,6 +420,45 @@ def evaluate(model, names: list[str]) -> dict[str, float]:
     return {k: round(100 * v, 2) for k, v in results.items() if k.endswith("spearman_cosine")}
 
 
+def evaluate_precisions(model, names: list[str], batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Spearman x 100 of cosine similarity on the named dev sets, of the float output and at every precision the
+    model's ``MultiPrecisionQuantizer`` serves (its stored ranges; each text is encoded once), ``{}`` without one.
+
+    The cosine of the dequantized codes equals the code-space score (integer dot / popcount), so this is what a
+    ``b``-bit index would rank with.
+    """
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    from st_bitnet import data
+    from st_bitnet.multi_precision import find_quantizer
+
+    quantizer = find_quantizer(model)
+    if quantizer is None or not names:
+        return {}
+    scores = {}
+    for name in names:
+        rows = data.load_sts(name, "dev")
+        texts = sorted({r["sentence1"] for r in rows} | {r["sentence2"] for r in rows})
+        index = {t: i for i, t in enumerate(texts)}
+        left = [index[r["sentence1"]] for r in rows]
+        right = [index[r["sentence2"]] for r in rows]
+        gold = np.array([r["score"] for r in rows])
+
+        def spearman(embeddings: torch.Tensor) -> float:
+            cosine = torch.nn.functional.cosine_similarity(embeddings[left], embeddings[right], dim=-1)
+            return round(100 * float(spearmanr(cosine.cpu().numpy(), gold).statistic), 2)
+
+        floats = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float()
+        per_bits = {"float": spearman(floats.double())}
+        with torch.no_grad():
+            for bits in quantizer.precisions:
+                per_bits[f"{bits}bit"] = spearman(quantizer.fake_quantize(floats.to(quantizer.offset.device), bits).double())
+        scores[f"{name}-dev"] = per_bits
+    return scores
+
+
 def run_recipe(
     recipe: Recipe | str | os.PathLike,
     overrides: list[str] | None = None,
@@ -255,8 +466,10 @@ def run_recipe(
     extra_callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train one recipe end to end; returns the training metrics and dev scores (also written to
-    ``<output_dir>/results.json``). The final model is saved to ``<output_dir>/final`` (latent BitLinears,
-    resumable training state) and, with ``model.pack``, packed to ``<output_dir>/packed``.
+    ``<output_dir>/results.json``; with ``model.multi_precision`` also ``dev_by_precision``, the dev scores at each
+    precision the quantizer serves). The final model is saved to ``<output_dir>/final`` (latent BitLinears,
+    resumable training state; with a quantizer, reload it with ``trust_remote_code=True``) and, with
+    ``model.pack``, packed to ``<output_dir>/packed``.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -273,7 +486,12 @@ def run_recipe(
             merge_lora(model)
         model.save(str(final_dir))
         if recipe.evaluation:
-            results["dev"] = evaluate(model, recipe.evaluation)
+            by_precision = evaluate_precisions(model, recipe.evaluation)  # one encoding for every precision
+            if by_precision:
+                results["dev"] = {f"{name}_spearman_cosine": v["float"] for name, v in by_precision.items()}
+                results["dev_by_precision"] = by_precision
+            else:
+                results["dev"] = evaluate(model, recipe.evaluation)
         if recipe.model.get("pack") and recipe.model.get("convert", True):
             import st_bitnet
 
