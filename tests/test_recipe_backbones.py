@@ -67,25 +67,16 @@ def bert_raw_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def st_dir(tmp_path_factory):
-    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
-
-    path = tmp_path_factory.mktemp("tiny_st")
-    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
+def two_column_pairs_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     rows = [{"anchor": f"question {i} about topic {i % 5}", "positive": f"answer {i} on subject {i % 5}"} for i in range(32)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
-def _recipe(model: dict, pairs_file: str, output_dir, **sections):
+def _recipe(model: dict, two_column_pairs_file: str, output_dir, **sections):
     raw = {
-        "output_dir": str(output_dir), "model": {"max_seq_length": 16, **model}, "datasets": [{"name": pairs_file}],
+        "output_dir": str(output_dir), "model": {"max_seq_length": 16, **model}, "datasets": [{"name": two_column_pairs_file}],
         "loss": LOSS, "seed": 3,
         "training": {"per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": 2, "logging_steps": 1,
                      "save_strategy": "no", "use_cpu": True, "dataloader_drop_last": True},
@@ -100,12 +91,12 @@ def _pooling_mode(model) -> str:
 
 # ---------------------------------------------------------------- raw backbones -> build_sentence_transformer
 @pytest.mark.parametrize("pooling", ["lasttoken", None])  # None: the decoder default is the last token too
-def test_raw_decoder_backbone_builds_last_token_pooling(qwen3_dir, pairs_file, tmp_path, pooling):
+def test_raw_decoder_backbone_builds_last_token_pooling(qwen3_dir, two_column_pairs_file, tmp_path, pooling):
     prompts = {"query": "query: ", "document": ""}
     model_section = {"path": qwen3_dir, "convert": False, "prompts": prompts}
     if pooling:
         model_section["pooling"] = pooling
-    model = load_student(_recipe(model_section, pairs_file, tmp_path))
+    model = load_student(_recipe(model_section, two_column_pairs_file, tmp_path))
     assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
     assert _pooling_mode(model) == "lasttoken"
     assert model.prompts["query"] == "query: "
@@ -114,18 +105,18 @@ def test_raw_decoder_backbone_builds_last_token_pooling(qwen3_dir, pairs_file, t
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_raw_backbone_pooling_and_normalize_options(bert_raw_dir, gemma3_dir, pairs_file, tmp_path):
-    encoder = load_student(_recipe({"path": bert_raw_dir, "convert": False}, pairs_file, tmp_path))
+def test_raw_backbone_pooling_and_normalize_options(bert_raw_dir, gemma3_dir, two_column_pairs_file, tmp_path):
+    encoder = load_student(_recipe({"path": bert_raw_dir, "convert": False}, two_column_pairs_file, tmp_path))
     assert _pooling_mode(encoder) == "mean"  # encoder default
     gemma = load_student(
-        _recipe({"path": gemma3_dir, "convert": True, "pooling": "max", "normalize": False}, pairs_file, tmp_path)
+        _recipe({"path": gemma3_dir, "convert": True, "pooling": "max", "normalize": False}, two_column_pairs_file, tmp_path)
     )
     assert _pooling_mode(gemma) == "max" and [type(m).__name__ for m in gemma] == ["Transformer", "Pooling"]
     assert any(type(m).__name__ == "BitLinear" for m in gemma.modules())  # converted after building
 
 
-def test_teacher_section_takes_the_same_backbone_keys(qwen3_dir, pairs_file, tmp_path):
-    recipe = _recipe({"path": qwen3_dir, "convert": False, "pooling": "lasttoken"}, pairs_file, tmp_path,
+def test_teacher_section_takes_the_same_backbone_keys(qwen3_dir, two_column_pairs_file, tmp_path):
+    recipe = _recipe({"path": qwen3_dir, "convert": False, "pooling": "lasttoken"}, two_column_pairs_file, tmp_path,
                      teacher={"path": qwen3_dir, "pooling": "lasttoken", "normalize": False})  # fmt: skip
     student = load_student(recipe)
     teacher = load_teacher(recipe, student)
@@ -133,26 +124,26 @@ def test_teacher_section_takes_the_same_backbone_keys(qwen3_dir, pairs_file, tmp
     assert [type(m).__name__ for m in teacher.model] == ["Transformer", "Pooling"]
 
 
-def test_pooling_on_a_sentence_transformer_folder_is_refused(st_dir, pairs_file, tmp_path):
+def test_pooling_on_a_sentence_transformer_folder_is_refused(tiny_model_dir, two_column_pairs_file, tmp_path):
     for key, value in (("pooling", "cls"), ("normalize", False)):
-        recipe = _recipe({"path": st_dir, "convert": False, key: value}, pairs_file, tmp_path)
+        recipe = _recipe({"path": tiny_model_dir, "convert": False, key: value}, two_column_pairs_file, tmp_path)
         with pytest.raises(RecipeError, match=rf"model\.{key} is set, but model\.path .* is already a SentenceTransformer"):
             load_student(recipe)
-    assert _pooling_mode(load_student(_recipe({"path": st_dir, "convert": False}, pairs_file, tmp_path))) == "mean"
+    assert _pooling_mode(load_student(_recipe({"path": tiny_model_dir, "convert": False}, two_column_pairs_file, tmp_path))) == "mean"
 
 
 # ---------------------------------------------------------------- gguf_file routing
-def test_gguf_file_missing_is_a_clear_file_not_found(qwen3_dir, pairs_file, tmp_path, monkeypatch):
+def test_gguf_file_missing_is_a_clear_file_not_found(qwen3_dir, two_column_pairs_file, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    recipe = _recipe({"path": qwen3_dir, "gguf_file": "missing-q4_k_m.gguf", "convert": False}, pairs_file, tmp_path)
+    recipe = _recipe({"path": qwen3_dir, "gguf_file": "missing-q4_k_m.gguf", "convert": False}, two_column_pairs_file, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model\.gguf_file: 'missing-q4_k_m.gguf' not found in the folder"):
         load_student(recipe)
     gguf = Path(qwen3_dir) / "config.json"
     with pytest.raises(RecipeError, match="must be the folder"):
-        load_student(_recipe({"path": str(gguf), "gguf_file": "x.gguf", "convert": False}, pairs_file, tmp_path))
+        load_student(_recipe({"path": str(gguf), "gguf_file": "x.gguf", "convert": False}, two_column_pairs_file, tmp_path))
 
 
-def test_gguf_file_goes_through_build_sentence_transformer(qwen3_dir, pairs_file, tmp_path, monkeypatch):
+def test_gguf_file_goes_through_build_sentence_transformer(qwen3_dir, two_column_pairs_file, tmp_path, monkeypatch):
     """The GGUF is handed to build_sentence_transformer's gguf_file (dequantization is stubbed: no real GGUF here),
     even when the folder also holds a modules.json."""
     import st_bitnet.sentence_transformer as st_module
@@ -162,18 +153,18 @@ def test_gguf_file_goes_through_build_sentence_transformer(qwen3_dir, pairs_file
     seen = []
     monkeypatch.setattr(st_module, "materialize_gguf", lambda folder, name: seen.append((folder, name)) or Path(qwen3_dir))
     model = load_student(_recipe({"path": str(tmp_path), "gguf_file": "backbone.gguf", "convert": False},
-                                 pairs_file, tmp_path / "run"))  # fmt: skip
+                                 two_column_pairs_file, tmp_path / "run"))  # fmt: skip
     assert seen == [(str(tmp_path), "backbone.gguf")]
     assert _pooling_mode(model) == "lasttoken"
 
 
 # ---------------------------------------------------------------- freeze
-def test_freeze_counts_and_frozen_weights_stay_put_over_two_steps(qwen3_dir, pairs_file, tmp_path, caplog):
+def test_freeze_counts_and_frozen_weights_stay_put_over_two_steps(qwen3_dir, two_column_pairs_file, tmp_path, caplog):
     caplog.set_level("INFO", logger="st_bitnet.training.runner")
     recipe = _recipe(
         {"path": qwen3_dir, "convert": True, "conversion": {"norm": "per_projection"}, "pooling": "lasttoken",
          "freeze": {"embeddings": True, "trainable_layers": 1}},
-        pairs_file, tmp_path,
+        two_column_pairs_file, tmp_path,
     )  # fmt: skip
     trainer = build_trainer(recipe)
     model = trainer.model
@@ -199,8 +190,8 @@ def test_freeze_counts_and_frozen_weights_stay_put_over_two_steps(qwen3_dir, pai
     assert any(not torch.equal(before[n], after[n]) for n in trainable)
 
 
-def test_freeze_finds_bert_layers_and_counts(st_dir, pairs_file, tmp_path):
-    recipe = _recipe({"path": st_dir, "convert": False, "freeze": {"trainable_layers": 0}}, pairs_file, tmp_path)
+def test_freeze_finds_bert_layers_and_counts(tiny_model_dir, two_column_pairs_file, tmp_path):
+    recipe = _recipe({"path": tiny_model_dir, "convert": False, "freeze": {"trainable_layers": 0}}, two_column_pairs_file, tmp_path)
     model = load_student(recipe)
     bert = model[0].model
     assert find_transformer_layers(bert) is bert.encoder.layer
@@ -214,9 +205,9 @@ def test_freeze_finds_bert_layers_and_counts(st_dir, pairs_file, tmp_path):
     )
 
 
-def test_freeze_errors(st_dir, pairs_file, tmp_path):
+def test_freeze_errors(tiny_model_dir, two_column_pairs_file, tmp_path):
     with pytest.raises(RecipeError, match=r"trainable_layers is 5, but BertModel has 2 layers"):
-        load_student(_recipe({"path": st_dir, "convert": False, "freeze": {"trainable_layers": 5}}, pairs_file, tmp_path))
+        load_student(_recipe({"path": tiny_model_dir, "convert": False, "freeze": {"trainable_layers": 5}}, two_column_pairs_file, tmp_path))
     with pytest.raises(RecipeError, match=r"cannot find the transformer layer list of Linear"):
         find_transformer_layers(torch.nn.Linear(2, 2))
 

@@ -33,27 +33,6 @@ MULTI_PRECISION = {"precisions": [16, 8, 2, 1], "pooling": "mean", "calibration_
 SENTENCES = ["question number 3 about topic 3", "answer 3 on subject 3", "unrelated sentence on weather"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    rows = [
-        {"anchor": f"question number {i} about topic {i % 7}", "positive": f"answer {i} on subject {i % 7}",
-         "negative": f"unrelated sentence {i * 3} on weather"}
-        for i in range(64)
-    ]  # fmt: skip
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
-
-
 def _raw(model_dir, data_file, output_dir, multi_precision=MULTI_PRECISION, loss=LOSS, **training):
     return {
         "name": "unit-multi-precision",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -29,27 +28,6 @@ KD_LOSS = {
     "similarity_kd": {"type": "SimilarityDistributionDistillationLoss", "weight": 1.0},
     "attention_kd": {"type": "AttentionRelationDistillationLoss", "weight": 2.0, "layers": [-1]},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    rows = [
-        {"anchor": f"question number {i} about topic {i % 7}", "positive": f"answer {i} on subject {i % 7}",
-         "negative": f"unrelated sentence {i * 3} on weather"}
-        for i in range(64)
-    ]  # fmt: skip
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
 
 
 def _raw(model_dir, data_file, output_dir, **changes):
