@@ -224,3 +224,22 @@ def test_run_evaluation_on_minilm_quick(tmp_path):
     assert teacher["scores"]["16"] == student["scores"]["16"]
     assert abs(teacher["scores"]["32"]["STSBenchmark"]["main_score"] - student["scores"]["16"]["STSBenchmark"]["main_score"]) < 0.5
     assert student["storage_bytes_per_vector"] == {"16": 768.0, "1": 48.0}
+
+
+def test_latent_bitnet_model_is_evaluated_through_an_exact_packed_copy(tiny_model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    import st_bitnet
+    from st_bitnet.bitlinear import BitLinear
+    from st_bitnet.evaluation import load_model
+
+    latent = st_bitnet.convert(SentenceTransformer(tiny_model_dir, device="cpu")).eval()
+    texts = ["a cat sits on the mat", "stock markets fell sharply today", "how do I reset my password?"]
+    evaluated = load_model(latent)
+    assert evaluated is not latent
+    assert all(m.is_packed for m in evaluated.modules() if isinstance(m, BitLinear))
+    assert not any(m.is_packed for m in latent.modules() if isinstance(m, BitLinear))  # the caller's model is kept
+    np.testing.assert_array_equal(evaluated.encode(texts), latent.encode(texts))
+    assert load_model(evaluated) is evaluated  # already packed: used as is
+    fp = SentenceTransformer(tiny_model_dir, device="cpu")
+    assert load_model(fp) is fp  # nothing to pack

@@ -20,12 +20,36 @@ GENERIC_FOLDER_NAMES = {"model", "models", "checkpoint", "final", "output", "sna
 
 
 def load_model(model: Any, device: str | None = None):
-    """A SentenceTransformer from an instance, a local folder or a Hub id (any st_bitnet / Microsoft / stock format)."""
-    if not isinstance(model, (str, os.PathLike)):
-        return model
-    from st_bitnet.sentence_transformer import load
+    """A SentenceTransformer from an instance, a local folder or a Hub id (any st_bitnet / Microsoft / stock format).
 
-    return load(str(model), device=device)
+    A float32 model with latent (training-state) BitLinears is evaluated through a packed copy: the same embeddings
+    (the integer products are exact) at kernel speed, about 3x faster on CPU; the model passed in is not changed.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from st_bitnet.sentence_transformer import load
+
+        model = load(str(model), device=device)
+    return packed_for_inference(model)
+
+
+def packed_for_inference(model: Any):
+    """``model`` itself, or a packed copy when it holds latent BitLinears and only float32 weights."""
+    import torch
+
+    from st_bitnet.bitlinear import BitLinear
+
+    if not isinstance(model, torch.nn.Module):
+        return model
+    bitlinears = [m for m in model.modules() if isinstance(m, BitLinear)]
+    if not bitlinears or all(m.is_packed for m in bitlinears):
+        return model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return model  # packed == latent is exact in float32 only
+    import copy
+
+    from st_bitnet.convert import pack
+
+    return pack(copy.deepcopy(model))
 
 
 def _display_name(model: Any, given: str | None) -> str:
