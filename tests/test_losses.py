@@ -382,6 +382,49 @@ def test_multi_precision_similarity_distillation_appends_and_calibrates_a_quanti
     assert sum(type(m).__name__ == "MultiPrecisionQuantizer" for m in student.children()) == 1
 
 
+def test_multi_precision_self_distillation_targets_the_students_own_float_scores():
+    from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss
+
+    anchors, positives = [[0.6, -0.3, 0.1], [-0.9, 0.2, 0.4]], [[0.4, 0.7, -0.2], [-0.1, -0.6, 0.8]]
+    sign = lambda x: 1.0 if x >= 0 else -1.0  # noqa: E731
+    float_rows = [[_cos(a, p) for p in positives] for a in anchors]  # the target: the student's own float cosines
+    qa, qp = [[sign(x) for x in v] for v in anchors], [[sign(x) for x in v] for v in positives]
+    expected = _kl_rows([[_cos(a, p) for p in qp] for a in qa], float_rows, 0.2)
+    loss = MultiPrecisionSimilarityDistillationLoss(None, "self", precisions=[1], quantizer=_unit_quantizer(), temperature=0.2)
+    assert loss.self_distillation and loss.teacher is None and loss.get_config_dict()["teacher"] == "self"
+    student = [torch.tensor(anchors, requires_grad=True), torch.tensor(positives, requires_grad=True)]
+    value = loss.compute_loss_from_embeddings(student, student)
+    assert value.item() == pytest.approx(expected, rel=1e-5) and value.item() > 0
+    value.backward()  # the gradient reaches the float student through the quantized side only (target detached)
+    assert student[0].grad.abs().sum() > 0
+    # at 8 bits the codes almost equal the floats: little is left to distill
+    eight = MultiPrecisionSimilarityDistillationLoss(None, "self", precisions=[8], quantizer=_unit_quantizer(), temperature=0.2)
+    assert eight.compute_loss_from_embeddings(student, student).item() < 1e-3 * expected
+    with pytest.raises(ValueError, match="FrozenTeacher, 'self' or None"):
+        MultiPrecisionSimilarityDistillationLoss(None, "teacher", quantizer=_unit_quantizer())
+
+
+def test_self_distillation_runs_no_teacher_and_matches_inside_a_combination(tiny_student):
+    from st_bitnet.losses import MultiPrecisionLoss, MultiPrecisionSimilarityDistillationLoss
+
+    student = _student_with_quantizer(tiny_student)
+    features = [_features(student, t) for t in (TEXTS_A, TEXTS_B)]
+    self_kd = MultiPrecisionSimilarityDistillationLoss(student, "self", precisions=[2, 1])
+    contrastive = MultiPrecisionLoss(student, MultipleNegativesRankingLoss(student), precisions=[16, 1])
+    combined = WeightedCombinationLoss(student, {"contrastive": contrastive, "self_kd": self_kd}, weights={"self_kd": 3.0})
+    assert combined.teacher is None
+    calls = []
+    hook = student[0].register_forward_hook(lambda *a: calls.append(1))
+    out = combined(features, None)
+    hook.remove()
+    assert len(calls) == 2  # one student pass per column, shared by both components
+    standalone = self_kd(features, None)
+    assert standalone.item() > 0 and out["self_kd"].item() == pytest.approx(3.0 * standalone.item(), rel=1e-5)
+    out["self_kd"].backward()
+    grads = [p.grad for p in student[0].parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
 # ---------------------------------------------------------------- MultiPrecisionLoss inside WeightedCombinationLoss
 def _student_with_quantizer(tiny_student):
     import st_bitnet

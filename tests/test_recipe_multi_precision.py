@@ -171,6 +171,32 @@ def test_bad_loss_multi_precision_options_are_clear_errors(tmp_path):
     assert recipe.model["multi_precision"].pooling is None  # default: keep the model's pooling
 
 
+def test_self_distillation_component_needs_no_teacher_section(tmp_path):
+    raw = _raw("/not/loaded", "stsb", tmp_path, loss={
+        "contrastive": {"type": "MultipleNegativesRankingLoss", "multi_precision": True},
+        "self_kd": {"type": "MultiPrecisionSimilarityDistillationLoss", "teacher": "self", "precisions": [2, 1]}})  # fmt: skip
+    del raw["teacher"]
+    assert parse_recipe(raw).loss["self_kd"]["teacher"] == "self"
+    raw["loss"]["self_kd"]["teacher"] = "/some/model"
+    with pytest.raises(RecipeError, match="'teacher' may only be 'self'"):
+        parse_recipe(raw)
+    raw["loss"]["self_kd"]["teacher"] = "self"
+    raw["loss"]["self_kd"]["type"] = "PairSimilarityDistillationLoss"  # no self mode: it needs the teacher section
+    with pytest.raises(RecipeError, match="self-distillation needs MultiPrecisionSimilarityDistillationLoss"):
+        parse_recipe(raw)
+
+
+def test_self_distillation_recipe_trains(tmp_path, tiny_model_dir, pairs_file):
+    loss = {"contrastive": {"type": "MultipleNegativesRankingLoss", "multi_precision": True},
+            "self_kd": {"type": "MultiPrecisionSimilarityDistillationLoss", "teacher": "self", "precisions": [2, 1]}}  # fmt: skip
+    raw = _raw(tiny_model_dir, pairs_file, tmp_path, loss=loss, max_steps=2)
+    del raw["teacher"]
+    results = run_recipe(parse_recipe(raw))
+    assert results["global_step"] == 2
+    log = read_loss_log(tmp_path / "loss_log.jsonl")
+    assert any("self_kd" in key for row in log for key in row)
+
+
 def test_cli_reports_a_bad_schema_with_exit_status_2(tmp_path, capsys):
     recipe_file = tmp_path / "bad.yaml"
     recipe_file.write_text(yaml.safe_dump(_raw("/not/loaded", "stsb", tmp_path, multi_precision={"precisions": [16, 5]})))

@@ -13,7 +13,9 @@ from st_bitnet.multi_precision.precision import BITS, resolve_bits
 from st_bitnet.multi_precision.quantizer import MultiPrecisionQuantizer
 
 from .multi_precision_loss import quantizer_tied_to_forward
-from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
+from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss, embed_columns
+
+SELF = "self"
 
 
 class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
@@ -32,6 +34,10 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
         the quantizer's ranges both learn) and their in-batch similarity distribution is matched to the teacher's
         *float* one (:class:`SimilarityDistributionDistillationLoss`); the loss is the mean over precisions.
 
+        With ``teacher="self"`` the target is the student's *own* float output (detached): the low-bit codes are
+        trained to rank candidates as the model's 16-bit embedding does, which is what the drop from 16 to ``b``
+        bits measures. It needs no teacher forward (and no teacher).
+
         It is the teacher-driven counterpart of ``MultiPrecisionLoss(SimilarityDistributionDistillationLoss)``,
         usable as one component of :class:`WeightedCombinationLoss` (one student and one teacher forward per batch).
 
@@ -44,7 +50,8 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
 
         Args:
             model: the student SentenceTransformer (None with an explicit ``quantizer``, for tensor-only use).
-            teacher: a live :class:`~st_bitnet.teacher.FrozenTeacher`, or None for precomputed per-row scores.
+            teacher: a live :class:`~st_bitnet.teacher.FrozenTeacher`, ``"self"`` (self-distillation from the
+                student's own detached float output), or None for precomputed per-row scores.
             precisions: the bit widths distilled (names such as ``"2bit"`` work), each served by the quantizer.
             quantizer: use this quantizer instead of the model's (it is not appended to the model).
             **kwargs: ``temperature``, ``teacher_temperature``, ``kl_direction``, ``in_batch_negatives``,
@@ -74,7 +81,11 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
                     "multi_precision": MultiPrecisionSimilarityDistillationLoss(student, teacher, precisions=[8, 4, 2, 1]),
                 })
         """
-        super().__init__(model, teacher=teacher, **kwargs)
+        self_distillation = isinstance(teacher, str)
+        if self_distillation and teacher != SELF:
+            raise ValueError(f"teacher must be a FrozenTeacher, {SELF!r} or None, got {teacher!r}")
+        super().__init__(model, teacher=None if self_distillation else teacher, **kwargs)
+        self.self_distillation = self_distillation
         if quantizer is None:
             if model is None:
                 raise ValueError("MultiPrecisionSimilarityDistillationLoss needs a model or an explicit quantizer")
@@ -97,6 +108,9 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
         with quantizer_tied_to_forward(self._quantizer):  # DDP: the ranges count as used in the forward
+            if self.self_distillation:
+                student = embed_columns(self.model, sentence_features)
+                return self.compute_loss_from_embeddings(student, student)  # the target side is detached
             return super().forward(sentence_features, labels)
 
     def _calibrate_once(self, student_embeddings: list[Tensor]) -> None:
@@ -136,4 +150,7 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
         return torch.stack(terms).mean()
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), "precisions": list(self.precisions)}
+        config = {**super().get_config_dict(), "precisions": list(self.precisions)}
+        if self.self_distillation:
+            config.update(teacher=SELF, precomputed_teacher_scores=False)
+        return config

@@ -155,6 +155,8 @@ class WeightedCombinationLoss(nn.Module):
     def _output_value(name: str, loss: nn.Module, student_embeddings, teacher_embeddings, labels) -> Tensor:
         """One component that reads the output embeddings (float, or fake-quantized by a MultiPrecisionLoss)."""
         if isinstance(loss, SimilarityDistributionDistillationLoss):
+            if getattr(loss, "self_distillation", False):  # target: the student's own float output, detached
+                return loss.compute_loss_from_embeddings(student_embeddings, student_embeddings)
             if loss.teacher is not None:
                 return loss.compute_loss_from_embeddings(student_embeddings, teacher_embeddings)
             if labels is None:

@@ -399,7 +399,18 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
             raise RecipeError(f"loss component {name!r}{where} needs a 'type'")
         parse_loss_multi_precision(name, component, model["multi_precision"], where)
         nested = [v["type"] for v in component.values() if isinstance(v, dict) and "type" in v]
-        if TEACHER_LOSSES & {component["type"], *nested} and teacher is None:
+        if "teacher" in component and component["teacher"] != "self":
+            raise RecipeError(
+                f"loss component {name!r}{where}: 'teacher' may only be 'self' (self-distillation); the teacher model "
+                "is the recipe's teacher section"
+            )
+        self_distilled = component.get("teacher") == "self"  # the student's own float output is the target
+        if self_distilled and component["type"] != "MultiPrecisionSimilarityDistillationLoss":
+            raise RecipeError(
+                f"loss component {name!r}{where}: self-distillation needs MultiPrecisionSimilarityDistillationLoss "
+                f"(the low-bit outputs distilled from the model's own float output), not {component['type']}"
+            )
+        if TEACHER_LOSSES & {component["type"], *nested} and teacher is None and not self_distilled:
             raise RecipeError(
                 f"loss component {name!r} ({component['type']}) distills from a teacher, but the recipe{where} has "
                 "no 'teacher' section: add teacher: {path: <full-precision model>}"

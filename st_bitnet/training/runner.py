@@ -299,7 +299,9 @@ def _instantiate_loss(name: str, params: dict, student, teacher, model_spec=None
     params.pop("multi_precision", None)
     cls = loss_class(params.pop("type"))
     precomputed = params.pop("precompute_teacher_scores", False)
-    if "teacher" in inspect.signature(cls.__init__).parameters:
+    if params.get("teacher") == "self":  # self-distillation (checked by parse_recipe): no teacher model
+        pass
+    elif "teacher" in inspect.signature(cls.__init__).parameters:
         params["teacher"] = None if precomputed else teacher
     for key, value in params.items():
         if isinstance(value, dict) and "type" in value:
