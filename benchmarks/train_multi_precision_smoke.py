@@ -4,8 +4,8 @@ MiniLM (all-MiniLM-L6-v2, offline copy) gets a QuantizationAwarePooling (rms, co
 MultiPrecisionQuantizer calibrated on training sentences, then trains a few minutes on CPU with
 MultiPrecisionLoss(MultipleNegativesRankingLoss) over 16/8/4/2/1 bits on real train pairs (MSRP paraphrases,
 TrecQA positives, SciFact train query -> passage, STS-B / SICK train pairs scored >= 4; SciFact dev queries and
-every dev split excluded). A control run trains the same
-steps with plain MultipleNegativesRankingLoss (16-bit only). Every model is scored on STS-B dev and SICK dev
+every dev split excluded). With ``--control``, a control run trains the same steps with the same float
+objective at 16 bits only (no quantizer). Every model is scored on STS-B dev and SICK dev
 (Spearman x100) at every precision, with its own trained quantizer and with post-hoc quantization (per-dimension
 min/max ranges measured on the whole dev set for 8/4/2 bits, sign for 1 bit), and the drop vs its own 16-bit
 output is reported.
@@ -35,7 +35,12 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 
 from st_bitnet import data
 from st_bitnet.teacher import FrozenTeacher
-from st_bitnet.losses import MultiPrecisionLoss, MultiPrecisionSimilarityDistillationLoss, WeightedCombinationLoss
+from st_bitnet.losses import (
+    MultiPrecisionLoss,
+    MultiPrecisionSimilarityDistillationLoss,
+    SimilarityDistributionDistillationLoss,
+    WeightedCombinationLoss,
+)
 from st_bitnet.multi_precision import (
     BITS,
     MultiPrecisionQuantizer,
@@ -71,7 +76,9 @@ def train_pairs(limit: int, seed: int, sources=PAIR_SOURCES) -> list[dict[str, s
     return pairs[:limit]
 
 
-def build_model(max_seq_length: int, calibration_texts: list[str], with_quantizer: bool) -> SentenceTransformer:
+def build_model(
+    max_seq_length: int, calibration_texts: list[str], with_quantizer: bool, binary_threshold: str = "offset"
+) -> SentenceTransformer:
     base = SentenceTransformer(minilm_path(), device="cpu")
     transformer = base[0]
     transformer.max_seq_length = max_seq_length
@@ -80,7 +87,7 @@ def build_model(max_seq_length: int, calibration_texts: list[str], with_quantize
     model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
     if with_quantizer:
         calibration = model.encode(calibration_texts, batch_size=64)
-        model.append(MultiPrecisionQuantizer.from_embeddings(calibration))
+        model.append(MultiPrecisionQuantizer.from_embeddings(calibration, binary_threshold=binary_threshold))
     return model
 
 
@@ -137,6 +144,46 @@ def sts_scores(model, quantizers: dict[str, object], sets=("stsb", "sick")) -> d
     return results
 
 
+SCIFACT_MAX_SEQ_LENGTH: int | None = None  # None: no retrieval scoring
+
+
+def scifact_scores(model, quantizers: dict[str, object]) -> dict[str, dict[str, dict[int, float]]]:
+    """nDCG@10 x100 on SciFact dev (the 200 held-out train queries against the full corpus) per quantizer and bit
+    width, from one float encode; post-hoc ranges are measured on the corpus and query embeddings together."""
+    from search_scifact import metrics  # benchmarks/search_scifact.py: recall@10 / nDCG@10 as there
+
+    corpus, queries, qrels = data.scifact_dev()
+    doc_ids, query_ids = list(corpus), list(queries)
+    length = model[0].max_seq_length
+    model[0].max_seq_length = SCIFACT_MAX_SEQ_LENGTH
+    try:
+        docs = model.encode([f"{corpus[d]['title']} {corpus[d]['text']}".strip() for d in doc_ids], batch_size=64)
+        qs = model.encode([queries[q] for q in query_ids], batch_size=64)
+    finally:
+        model[0].max_seq_length = length
+    results = {}
+    for run, quantizer in quantizers.items():
+        quantizer = posthoc_quantizer(np.concatenate([docs, qs])) if quantizer == "posthoc" else quantizer
+        results[run] = {"scifact": {}}
+        for bits in BITS:
+            d = quantizer.quantize(docs, bits).dequantize().astype(np.float64)
+            q = quantizer.quantize(qs, bits).dequantize().astype(np.float64)
+            scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+            hits = [[{"corpus_id": int(i)} for i in row] for row in top]
+            results[run]["scifact"][bits] = metrics(hits, query_ids, doc_ids, qrels)["ndcg@10"]
+    return results
+
+
+def dev_scores(model, quantizers: dict[str, object]) -> dict[str, dict[str, dict[int, float]]]:
+    """STS-B / SICK Spearman, plus SciFact-dev nDCG@10 when ``--scifact-max-seq-length`` is set."""
+    results = sts_scores(model, quantizers)
+    if SCIFACT_MAX_SEQ_LENGTH:
+        for run, per_set in scifact_scores(model, quantizers).items():
+            results[run].update(per_set)
+    return results
+
+
 def freeze_backbone(model, trainable_layers: int) -> None:
     """Train only the top ``trainable_layers`` transformer layers (plus pooling and quantizer): a CPU-sized run."""
     if trainable_layers < 0:
@@ -169,15 +216,32 @@ def main() -> None:
         help="add MultiPrecisionSimilarityDistillationLoss against the untouched full-precision model (frozen) at "
         "every precision, with this weight (0: MultiPrecisionLoss(MNRL) alone)",
     )
-    parser.add_argument("--control", action="store_true", help="also train an MNRL-only (16-bit) control run")
+    parser.add_argument(
+        "--self-kd", type=float, default=0.0, metavar="WEIGHT",
+        help="add MultiPrecisionSimilarityDistillationLoss(teacher='self') at 8/4/2/1 bits with this weight: the "
+        "low-bit similarity distributions are pulled towards the model's own (detached) float ones",
+    )
+    parser.add_argument(
+        "--control", action="store_true",
+        help="also train a 16-bit-only control with the same float objective (MNRL, plus the teacher KD when "
+        "--teacher-kd is set; no quantizer), then quantize it post-hoc",
+    )
     parser.add_argument("--trainable-layers", type=int, default=-1, help="train only the top N transformer layers (-1: all)")
+    parser.add_argument(
+        "--scifact-max-seq-length", type=int, default=None,
+        help="also score SciFact-dev retrieval (nDCG@10, 200 held-out queries, 5,183 documents cut to this many tokens)",
+    )
     parser.add_argument("--sts-limit", type=int, default=None, help="score only the first N dev pairs (quick checks)")
+    parser.add_argument(
+        "--binary-threshold", choices=("offset", "zero"), default="offset",
+        help="the trained quantizer's 1-bit code: sign(x - learned offset), or sign(x) as sentence-transformers' ubinary",
+    )
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--save-model", default=None, help="folder to save the multi-precision model to")
     parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_run3.json")
     args = parser.parse_args()
-    global STS_LIMIT
-    STS_LIMIT = args.sts_limit
+    global STS_LIMIT, SCIFACT_MAX_SEQ_LENGTH
+    STS_LIMIT, SCIFACT_MAX_SEQ_LENGTH = args.sts_limit, args.scifact_max_seq_length
     torch.manual_seed(args.seed)
 
     pairs = train_pairs(args.pairs, args.seed, args.sources)
@@ -191,10 +255,10 @@ def main() -> None:
     }
 
     # 0. The untouched model (its quantizer is only calibrated): post-hoc vs calibrated ranges.
-    model = build_model(args.max_seq_length, calibration_texts, with_quantizer=True)
+    model = build_model(args.max_seq_length, calibration_texts, with_quantizer=True, binary_threshold=args.binary_threshold)
     initial_quantizer = copy.deepcopy(model[-1])
     report["runs"].update(
-        {f"minilm_{k}": v for k, v in sts_scores(model, {"posthoc": "posthoc", "calibrated_quantizer": initial_quantizer}).items()}
+        {f"minilm_{k}": v for k, v in dev_scores(model, {"posthoc": "posthoc", "calibrated_quantizer": initial_quantizer}).items()}
     )
 
     # 1. MultiPrecisionLoss over 16/8/4/2/1 bits.
@@ -202,25 +266,26 @@ def main() -> None:
     loss = MultiPrecisionLoss(
         model, MultipleNegativesRankingLoss(model), precisions=BITS, precision_weights=args.precision_weights
     )
+    components, weights = {"contrastive": loss}, {}
     if args.teacher_kd > 0:
         # The low-bit similarities are pulled towards the original float model's, so graded similarity (STS) is
         # kept at every precision, not only the ranking of the positive that MNRL trains.
         teacher_model = SentenceTransformer(minilm_path(), device="cpu")
         teacher_model.max_seq_length = args.max_seq_length
         teacher = FrozenTeacher(teacher_model, student=model)
-        loss = WeightedCombinationLoss(
-            model,
-            {
-                "contrastive": loss,
-                "similarity_kd": MultiPrecisionSimilarityDistillationLoss(model, teacher, precisions=BITS),
-            },
-            weights={"similarity_kd": args.teacher_kd},
-        )
+        components["similarity_kd"] = MultiPrecisionSimilarityDistillationLoss(model, teacher, precisions=BITS)
+        weights["similarity_kd"] = args.teacher_kd
+    if args.self_kd > 0:
+        # The low-bit similarities are pulled towards the model's own float ones: the drop vs 16 bits, directly.
+        components["self_kd"] = MultiPrecisionSimilarityDistillationLoss(model, "self", precisions=(8, 4, 2, 1))
+        weights["self_kd"] = args.self_kd
+    if len(components) > 1:
+        loss = WeightedCombinationLoss(model, components, weights=weights)
     seconds = train(model, pairs, loss, args.max_steps, args.batch_size, args.lr, args.quantizer_lr, args.seed)
     report["train_seconds_multi_precision"] = seconds
     model.eval()
     report["runs"].update(
-        {f"multi_precision_{k}": v for k, v in sts_scores(model, {"trained": model[-1], "posthoc": "posthoc"}).items()}
+        {f"multi_precision_{k}": v for k, v in dev_scores(model, {"trained": model[-1], "posthoc": "posthoc"}).items()}
     )
     if args.save_model:
         model.save(args.save_model)
@@ -229,12 +294,18 @@ def main() -> None:
     if args.control:
         control = build_model(args.max_seq_length, calibration_texts, with_quantizer=False)
         freeze_backbone(control, args.trainable_layers)
-        seconds = train(
-            control, pairs, MultipleNegativesRankingLoss(control), args.max_steps, args.batch_size, args.lr, args.quantizer_lr, args.seed
-        )
+        control_loss = MultipleNegativesRankingLoss(control)
+        if args.teacher_kd > 0:  # the same float objective as the multi-precision run, at 16 bits only
+            teacher = FrozenTeacher(teacher_model, student=control)
+            control_loss = WeightedCombinationLoss(
+                control,
+                {"contrastive": control_loss, "similarity_kd": SimilarityDistributionDistillationLoss(control, teacher)},
+                weights={"similarity_kd": args.teacher_kd},
+            )
+        seconds = train(control, pairs, control_loss, args.max_steps, args.batch_size, args.lr, args.quantizer_lr, args.seed)
         report["train_seconds_control"] = seconds
         control.eval()
-        report["runs"]["mnrl_only_posthoc"] = sts_scores(control, {"posthoc": "posthoc"})["posthoc"]
+        report["runs"]["mnrl_only_posthoc"] = dev_scores(control, {"posthoc": "posthoc"})["posthoc"]
 
     # Drops vs each run's own 16-bit output.
     report["drop_vs_16bit"] = {
