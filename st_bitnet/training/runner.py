@@ -235,6 +235,8 @@ def add_lora(model, lora_spec: dict) -> None:
 
     config = LoraConfig(**{"task_type": "FEATURE_EXTRACTION", **lora_spec})
     backbones = [module.model for module in model.modules() if hasattr(getattr(module, "model", None), "config")]
+    inside_another = {id(m) for backbone in backbones for m in backbone.modules() if m is not backbone}
+    backbones = [b for b in backbones if id(b) not in inside_another]  # e.g. a *ForCausalLM and its .model: wrap once
     if not backbones:
         raise RecipeError("model.lora: found no transformers backbone in the model to put adapters on")
     for backbone in backbones:
