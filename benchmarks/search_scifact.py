@@ -95,7 +95,7 @@ def main() -> None:
     corpus, queries, qrels = data.scifact_dev()
     doc_ids = list(corpus)
     query_ids = list(queries)
-    doc_texts = [f"{corpus[d]['title']} {corpus[d]['text']}".strip() for d in doc_ids]
+    doc_texts = [data.beir_doc_text(corpus[d]) for d in doc_ids]
     query_texts = [queries[q] for q in query_ids]
 
     model_path = args.model or minilm_path()

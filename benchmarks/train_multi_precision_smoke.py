@@ -46,6 +46,7 @@ from st_bitnet.multi_precision import (
     MultiPrecisionQuantizer,
     QuantizationAwarePooling,
     posthoc_quantizer,
+    similarity_at_bits,
 )
 
 
@@ -157,7 +158,7 @@ def scifact_scores(model, quantizers: dict[str, object]) -> dict[str, dict[str, 
     length = model[0].max_seq_length
     model[0].max_seq_length = SCIFACT_MAX_SEQ_LENGTH
     try:
-        docs = model.encode([f"{corpus[d]['title']} {corpus[d]['text']}".strip() for d in doc_ids], batch_size=64)
+        docs = model.encode([data.beir_doc_text(corpus[d]) for d in doc_ids], batch_size=64)
         qs = model.encode([queries[q] for q in query_ids], batch_size=64)
     finally:
         model[0].max_seq_length = length
@@ -166,9 +167,7 @@ def scifact_scores(model, quantizers: dict[str, object]) -> dict[str, dict[str, 
         quantizer = posthoc_quantizer(np.concatenate([docs, qs])) if quantizer == "posthoc" else quantizer
         results[run] = {"scifact": {}}
         for bits in BITS:
-            d = quantizer.quantize(docs, bits).dequantize().astype(np.float64)
-            q = quantizer.quantize(qs, bits).dequantize().astype(np.float64)
-            scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+            scores = similarity_at_bits(quantizer.quantize(qs, bits).dequantize(), quantizer.quantize(docs, bits).dequantize(), bits)
             top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
             hits = [[{"corpus_id": int(i)} for i in row] for row in top]
             results[run]["scifact"][bits] = metrics(hits, query_ids, doc_ids, qrels)["ndcg@10"]

@@ -222,10 +222,15 @@ def scifact_dev() -> tuple[dict[str, dict[str, str]], dict[str, str], dict[str, 
     return corpus, {q: queries[q] for q in dev_ids}, {q: qrels[q] for q in dev_ids}
 
 
+def beir_doc_text(doc: dict[str, str]) -> str:
+    """A BEIR corpus entry as one passage: ``title + " " + text``, as mteb / BEIR models usually see documents."""
+    return f"{doc['title']} {doc['text']}".strip()
+
+
 def scifact_train_pairs() -> list[dict[str, str]]:
     """(query, positive passage) training pairs from the SciFact train queries only (dev queries excluded).
 
-    The passage is ``title + " " + text``, as mteb / BEIR models usually see documents.
+    The passage is :func:`beir_doc_text`.
     """
     corpus, queries, qrels = load_beir("scifact")
     train_ids, _ = scifact_split()
@@ -233,8 +238,7 @@ def scifact_train_pairs() -> list[dict[str, str]]:
     for qid in train_ids:
         for doc_id, relevance in sorted(qrels[qid].items()):
             if relevance > 0 and doc_id in corpus:
-                doc = corpus[doc_id]
-                pairs.append({"anchor": queries[qid], "positive": f"{doc['title']} {doc['text']}".strip()})
+                pairs.append({"anchor": queries[qid], "positive": beir_doc_text(corpus[doc_id])})
     return pairs
 
 

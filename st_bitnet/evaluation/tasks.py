@@ -241,5 +241,5 @@ def calibration_texts(n_per_source: int = 200) -> list[str] | None:
     texts += sample([r["text"] for r in data.load_classification("emotion", "train")])
     texts += sample([r["text"] for r in banking_train])
     texts += sample([queries[q] for q in train_query_ids])
-    texts += sample([f"{d['title']} {d['text']}".strip() for d in corpus.values()])
+    texts += sample([data.beir_doc_text(d) for d in corpus.values()])
     return texts

@@ -234,13 +234,17 @@ def add_lora(model, lora_spec: dict) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(**{"task_type": "FEATURE_EXTRACTION", **lora_spec})
-    backbones = [module.model for module in model.modules() if hasattr(getattr(module, "model", None), "config")]
-    inside_another = {id(m) for backbone in backbones for m in backbone.modules() if m is not backbone}
-    backbones = [b for b in backbones if id(b) not in inside_another]  # e.g. a *ForCausalLM and its .model: wrap once
+    backbones = transformer_backbones(model)
     if not backbones:
         raise RecipeError("model.lora: found no transformers backbone in the model to put adapters on")
     for backbone in backbones:
         inject_adapter_in_model(config, backbone)
+
+
+def transformer_backbones(model) -> list:
+    """The transformers models held as ``.model`` by the modules of ``model`` (a nested one is listed too: peft
+    finds the LoRA layer already there and does not wrap it twice)."""
+    return [module.model for module in model.modules() if hasattr(getattr(module, "model", None), "config")]
 
 
 def merge_lora(model) -> None:
@@ -248,10 +252,7 @@ def merge_lora(model) -> None:
     (a standalone teacher: no adapter files, no base-model path to resolve, no adapter overhead)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in model.modules():
-        inner = getattr(module, "model", None)
-        if not hasattr(inner, "config"):
-            continue
+    for inner in transformer_backbones(model):
         for name, layer in list(inner.named_modules()):
             if isinstance(layer, BaseTunerLayer):
                 layer.merge()
@@ -301,9 +302,8 @@ def _instantiate_loss(name: str, params: dict, student, teacher, model_spec=None
     params.pop("multi_precision", None)
     cls = loss_class(params.pop("type"))
     precomputed = params.pop("precompute_teacher_scores", False)
-    if params.get("teacher") == "self":  # self-distillation (checked by parse_recipe): no teacher model
-        pass
-    elif "teacher" in inspect.signature(cls.__init__).parameters:
+    # teacher: self (self-distillation, checked by parse_recipe) needs no teacher model
+    if params.get("teacher") != "self" and "teacher" in inspect.signature(cls.__init__).parameters:
         params["teacher"] = None if precomputed else teacher
     for key, value in params.items():
         if isinstance(value, dict) and "type" in value:
