@@ -61,7 +61,8 @@ def embed(model, texts: list[str], cache: Path, tag: str, batch_size: int, chunk
     return np.concatenate(parts)
 
 
-def metrics(results: list[list[dict]], query_ids: list[str], doc_ids: list[str], qrels, k: int = 10) -> dict:
+def per_query_metrics(results: list[list[dict]], query_ids: list[str], doc_ids: list[str], qrels, k: int = 10) -> dict:
+    """recall@k and nDCG@k of every query (arrays in ``query_ids`` order, fractions)."""
     recalls, ndcgs = [], []
     for qid, hits in zip(query_ids, results):
         relevant = {d: r for d, r in qrels[qid].items() if r > 0}
@@ -70,7 +71,12 @@ def metrics(results: list[list[dict]], query_ids: list[str], doc_ids: list[str],
         dcg = sum(relevant.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked))
         ideal = sum(r / math.log2(i + 2) for i, r in enumerate(sorted(relevant.values(), reverse=True)[:k]))
         ndcgs.append(dcg / ideal)
-    return {"recall@10": round(100 * float(np.mean(recalls)), 2), "ndcg@10": round(100 * float(np.mean(ndcgs)), 2)}
+    return {"recall": np.array(recalls), "ndcg": np.array(ndcgs)}
+
+
+def metrics(results: list[list[dict]], query_ids: list[str], doc_ids: list[str], qrels, k: int = 10) -> dict:
+    per_query = per_query_metrics(results, query_ids, doc_ids, qrels, k)
+    return {"recall@10": round(100 * float(per_query["recall"].mean()), 2), "ndcg@10": round(100 * float(per_query["ndcg"].mean()), 2)}
 
 
 def exhaustive(queries, corpus, top_k: int) -> tuple[list[list[dict]], float]:

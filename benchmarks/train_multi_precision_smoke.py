@@ -78,7 +78,11 @@ def train_pairs(limit: int, seed: int, sources=PAIR_SOURCES) -> list[dict[str, s
 
 
 def build_model(
-    max_seq_length: int, calibration_texts: list[str], with_quantizer: bool, binary_threshold: str = "offset"
+    max_seq_length: int,
+    calibration_texts: list[str],
+    with_quantizer: bool,
+    binary_threshold: str = "offset",
+    rotation: bool = False,
 ) -> SentenceTransformer:
     base = SentenceTransformer(minilm_path(), device="cpu")
     transformer = base[0]
@@ -88,7 +92,7 @@ def build_model(
     model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
     if with_quantizer:
         calibration = model.encode(calibration_texts, batch_size=64)
-        model.append(MultiPrecisionQuantizer.from_embeddings(calibration, binary_threshold=binary_threshold))
+        model.append(MultiPrecisionQuantizer.from_embeddings(calibration, binary_threshold=binary_threshold, rotation=rotation))
     return model
 
 
@@ -101,8 +105,8 @@ def train(model, pairs, loss, max_steps: int, batch_size: int, lr: float, quanti
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
         warmup_steps=max(1, max_steps // 10),
-        # The quantizer's offsets / log-scales need a larger step than the backbone to move in a short run.
-        learning_rate_mapping={r".*\.(offset|log_scale|gain)$": quantizer_lr},
+        # The quantizer's offsets / log-scales / rotation need a larger step than the backbone to move in a short run.
+        learning_rate_mapping={r".*\.(offset|log_scale|gain|rotation_generator)$": quantizer_lr},
         logging_steps=max(1, max_steps // 6),
         save_strategy="no",
         report_to="none",
@@ -235,6 +239,10 @@ def main() -> None:
         "--binary-threshold", choices=("offset", "zero"), default="offset",
         help="the trained quantizer's 1-bit code: sign(x - learned offset), or sign(x) as sentence-transformers' ubinary",
     )
+    parser.add_argument(
+        "--rotation", action="store_true",
+        help="the trained quantizer also learns an orthogonal map before its per-dimension codes (identity at start)",
+    )
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--save-model", default=None, help="folder to save the multi-precision model to")
     parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_run3.json")
@@ -254,7 +262,9 @@ def main() -> None:
     }
 
     # 0. The untouched model (its quantizer is only calibrated): post-hoc vs calibrated ranges.
-    model = build_model(args.max_seq_length, calibration_texts, with_quantizer=True, binary_threshold=args.binary_threshold)
+    model = build_model(
+        args.max_seq_length, calibration_texts, with_quantizer=True, binary_threshold=args.binary_threshold, rotation=args.rotation
+    )
     initial_quantizer = copy.deepcopy(model[-1])
     report["runs"].update(
         {f"minilm_{k}": v for k, v in dev_scores(model, {"posthoc": "posthoc", "calibrated_quantizer": initial_quantizer}).items()}

@@ -70,14 +70,15 @@ def test_two_process_gloo_ddp_trains_multi_precision_outputs(tmp_path):
             "teacher": {"path": str(model_dir)}, "datasets": [{"name": str(data_file)}], "loss": loss,
             "training": {"per_device_train_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1,
                          "save_strategy": "no", "use_cpu": True, "ddp_backend": "gloo", "dataloader_drop_last": True,
-                         "learning_rate_mapping": {r"\.(offset|log_scale|gain)$": 5e-2}},
+                         "learning_rate_mapping": {r"\.(offset|log_scale|gain|rotation_generator)$": 5e-2}},
         }  # fmt: skip
 
     recipes = {
-        # the recipe's calibrated quantizer; MultiPrecisionLoss components inside the combination + attention KD
+        # the recipe's calibrated quantizer (with a learned rotation, whose gradient DDP must reduce too);
+        # MultiPrecisionLoss components inside the combination + attention KD
         "combined": recipe(
             "combined",
-            {"multi_precision": {"precisions": [16, 4, 1], "pooling": "mean", "calibration_rows": 32}},
+            {"multi_precision": {"precisions": [16, 4, 1], "pooling": "mean", "calibration_rows": 32, "rotation": True}},
             {"contrastive": {"type": "MultipleNegativesRankingLoss", "multi_precision": True},
              "similarity_kd": {"type": "SimilarityDistributionDistillationLoss", "multi_precision": True},
              "attention_kd": {"type": "AttentionRelationDistillationLoss", "weight": 2.0}},

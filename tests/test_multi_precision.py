@@ -233,6 +233,94 @@ def test_load_rejects_foreign_file(tmp_path):
         QuantizedEmbeddings.load(tmp_path / "x.safetensors")
 
 
+# ---- learned rotation ---------------------------------------------------------------------------------------------------
+def _rotating_quantizer(embeddings: np.ndarray, seed: int = 0, **kwargs) -> MultiPrecisionQuantizer:
+    """A rotating quantizer whose rotation is far from the identity (a random generator), recalibrated after it."""
+    quantizer = MultiPrecisionQuantizer.from_embeddings(embeddings, rotation=True, **kwargs)
+    with torch.no_grad():
+        quantizer.rotation_generator.normal_(generator=torch.Generator().manual_seed(seed))
+    return quantizer.calibrate(embeddings)
+
+
+def test_rotation_starts_as_the_identity(embeddings, quantizer):
+    rotating = MultiPrecisionQuantizer.from_embeddings(embeddings, rotation=True)
+    x = torch.from_numpy(embeddings)
+    for bits in (8, 4, 2, 1):
+        np.testing.assert_array_equal(rotating.quantize(embeddings, bits).unpacked(), quantizer.quantize(embeddings, bits).unpacked())
+        torch.testing.assert_close(rotating.fake_quantize(x, bits), quantizer.fake_quantize(x, bits), rtol=0, atol=0)
+
+
+def test_rotation_is_orthogonal_trains_and_keeps_codes_nested(embeddings):
+    rotating = _rotating_quantizer(embeddings)
+    rotation = rotating.rotation_matrix()
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(37), atol=1e-5, rtol=0)
+    assert (rotation - torch.eye(37)).abs().max() > 0.5
+    # Float cosines are unchanged by the rotation; the codes are taken along the rotated axes.
+    x = torch.from_numpy(embeddings)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(rotating.rotate(x), dim=-1) @ torch.nn.functional.normalize(rotating.rotate(x), dim=-1).T,
+        torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(x, dim=-1).T, atol=1e-5, rtol=0,
+    )
+    rotated = x.double() @ rotation.detach().double()
+    np.testing.assert_array_equal(
+        rotating.quantize(embeddings, 1).unpacked(), (rotated.numpy() >= rotating.offset.detach().double().numpy()).astype(np.uint8)
+    )
+    codes8 = rotating.quantize(embeddings, 8).unpacked()
+    for bits in (4, 2, 1):
+        np.testing.assert_array_equal(rotating.quantize(embeddings, bits).unpacked(), codes8 >> (8 - bits))
+    for bits in (8, 2, 1):
+        # Training rotates in float32, quantize() in float64: a value on a bucket edge may land one bucket over.
+        difference = np.abs(rotating.fake_quantize(x, bits).detach().numpy() - rotating.quantize(embeddings, bits).dequantize())
+        one_bucket = 2.0 if bits == 1 else 2.0 / 2**bits  # 1 bit dequantizes to +-1, the others to midpoints
+        assert difference.max() <= one_bucket + 1e-6 and (difference > 1e-5).mean() < 1e-2
+    # The straight-through gradient reaches the generator, and a step keeps R orthogonal.
+    optimizer = torch.optim.SGD([rotating.rotation_generator], lr=1.0)
+    codes = torch.nn.functional.normalize(rotating.fake_quantize(x, 1), dim=-1)
+    (codes[:150] * codes[150:]).sum().neg().backward()
+    assert rotating.rotation_generator.grad.abs().sum() > 0
+    optimizer.step()
+    rotation = rotating.rotation_matrix()
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(37), atol=1e-5, rtol=0)
+
+
+def test_rotation_with_zero_threshold_is_sign_of_rotated(embeddings):
+    rotating = _rotating_quantizer(embeddings, binary_threshold="zero")
+    rotated = embeddings.astype(np.float64) @ rotating.rotation_matrix().detach().double().numpy()
+    np.testing.assert_array_equal(rotating.quantize(embeddings, 1).unpacked(), (rotated > 0).astype(np.uint8))
+    fake = rotating.fake_quantize(torch.from_numpy(embeddings), 1).detach().numpy()
+    np.testing.assert_array_equal(fake > 0, rotated > 0)
+
+
+def test_rotation_saved_as_one_orthogonal_matrix(tmp_path, embeddings):
+    from safetensors.torch import load_file, save_file
+
+    rotating = _rotating_quantizer(embeddings, seed=3)
+    rotating.save(str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(state) == ["log_scale", "offset", "rotation"]
+    loaded = MultiPrecisionQuantizer.load(str(tmp_path))
+    assert loaded.rotation and not loaded.rotation_generator.any()  # folded into the base
+    for bits in BITS:
+        np.testing.assert_array_equal(loaded.quantize(embeddings, bits).codes, rotating.quantize(embeddings, bits).codes)
+
+    save_file({**state, "rotation": state["rotation"] * 1.1}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not orthogonal"):
+        MultiPrecisionQuantizer.load(str(tmp_path))
+    save_file({**state, "rotation": state["rotation"][:5]}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="rotation has shape"):
+        MultiPrecisionQuantizer.load(str(tmp_path))
+    save_file({k: state[k] for k in ("offset", "log_scale")}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lack \['rotation'\]"):
+        MultiPrecisionQuantizer.load(str(tmp_path))
+    # A file with a rotation under a config without one: refused rather than silently ignored.
+    plain = MultiPrecisionQuantizer.from_embeddings(embeddings)
+    (tmp_path / "plain").mkdir()
+    plain.save(str(tmp_path / "plain"))
+    save_file(state, str(tmp_path / "plain" / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected"):
+        MultiPrecisionQuantizer.load(str(tmp_path / "plain"))
+
+
 # ---- search -----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["faiss", "usearch", "numpy"])
 @pytest.mark.parametrize("first_stage_bits", [1, 2])

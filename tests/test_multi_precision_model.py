@@ -66,18 +66,21 @@ def plain_model(minilm_path) -> SentenceTransformer:
     return SentenceTransformer(minilm_path, device="cpu")
 
 
-def build_multi_precision_model(minilm_path: str, seed: int = 0) -> SentenceTransformer:
+def build_multi_precision_model(minilm_path: str, seed: int = 0, rotation: bool = False) -> SentenceTransformer:
     """MiniLM with QuantizationAwarePooling + a calibrated quantizer whose parameters are perturbed (so a broken
-    save / load that fell back to defaults would change the codes)."""
+    save / load that fell back to defaults would change the codes); with ``rotation``, a rotating quantizer whose
+    rotation is moved off the identity."""
     base = SentenceTransformer(minilm_path, device="cpu")
     pooling = QuantizationAwarePooling(base[0].get_embedding_dimension(), "mean", normalization="rms")
     model = SentenceTransformer(modules=[base[0], pooling], device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         pooling.gain.mul_(1 + 0.1 * torch.randn(pooling.gain.shape, generator=generator))
-    model.append(MultiPrecisionQuantizer.from_embeddings(model.encode(SENTENCES * 3)))
+    model.append(MultiPrecisionQuantizer.from_embeddings(model.encode(SENTENCES * 3), rotation=rotation))
     with torch.no_grad():
         model[-1].offset.add_(0.01 * torch.randn(model[-1].offset.shape, generator=generator))
+        if rotation:
+            model[-1].rotation_generator.add_(0.05 * torch.randn(model[-1].rotation_generator.shape, generator=generator))
     return model
 
 
@@ -190,7 +193,10 @@ RELOAD_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch + sentence-transformers (~30 s on a loaded 2-core VM)
-def test_save_and_reload_in_fresh_process_gives_identical_codes(mp_model, tmp_path):
+@pytest.mark.parametrize("rotation", [False, True])
+def test_save_and_reload_in_fresh_process_gives_identical_codes(minilm_path, mp_model, tmp_path, rotation):
+    if rotation:
+        mp_model = build_multi_precision_model(minilm_path, seed=4, rotation=True)
     path = str(tmp_path / "mp_model")
     mp_model.save(path)
     modules = json.loads(open(os.path.join(path, "modules.json")).read())
@@ -234,8 +240,9 @@ def _features(model, texts):
     return model.tokenize(texts)
 
 
-def test_multi_precision_loss_one_forward_and_per_precision_sum(minilm_path):
-    model = build_multi_precision_model(minilm_path, seed=1)
+@pytest.mark.parametrize("rotation", [False, True])
+def test_multi_precision_loss_one_forward_and_per_precision_sum(minilm_path, rotation):
+    model = build_multi_precision_model(minilm_path, seed=1, rotation=rotation)
     anchors, positives = SENTENCES[0::2], SENTENCES[1::2]
     features = [_features(model, anchors), _features(model, positives)]
     inner = MultipleNegativesRankingLoss(model)
@@ -260,24 +267,29 @@ def test_multi_precision_loss_one_forward_and_per_precision_sum(minilm_path):
     total.backward()
     assert quantizer.offset.grad is not None and quantizer.offset.grad.abs().sum() > 0
     assert quantizer.log_scale.grad.abs().sum() > 0
+    if rotation:
+        assert quantizer.rotation_generator.grad.abs().sum() > 0
     assert model[1].gain.grad.abs().sum() > 0
     assert model.forward.__func__ is SentenceTransformer.forward  # the decorator is removed again
 
 
-def test_multi_precision_loss_with_cached_loss_matches_uncached(minilm_path):
+@pytest.mark.parametrize("rotation", [False, True])
+def test_multi_precision_loss_with_cached_loss_matches_uncached(minilm_path, rotation):
     anchors, positives = SENTENCES[0::2], SENTENCES[1::2]
     grads = []
     values = []
     for cached in (False, True):
-        model = build_multi_precision_model(minilm_path, seed=2)
+        model = build_multi_precision_model(minilm_path, seed=2, rotation=rotation)
         model[0].auto_model.eval()  # no dropout: both runs must see the same embeddings
         inner = CachedMultipleNegativesRankingLoss(model, mini_batch_size=2) if cached else MultipleNegativesRankingLoss(model)
         loss = MultiPrecisionLoss(model, inner, precisions=(16, 4, 1))
         value = loss([_features(model, anchors), _features(model, positives)], None)
         value.backward()
         values.append(float(value.detach()))
-        grads.append(find_quantizer(model).log_scale.grad.clone())
+        quantizer = find_quantizer(model)
+        grads.append(torch.cat([quantizer.log_scale.grad] + ([quantizer.rotation_generator.grad.flatten()] if rotation else [])))
     assert values[0] == pytest.approx(values[1], rel=1e-4)
+    assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-3)
 
 

@@ -125,6 +125,24 @@ def test_multi_precision_recipe_resumes_with_the_checkpointed_quantizer(tmp_path
     assert again[3] == pytest.approx(curve[3], rel=1e-3)
 
 
+def test_multi_precision_recipe_with_rotation_trains_and_reloads_it(tmp_path, tiny_model_dir, pairs_file):
+    from sentence_transformers import SentenceTransformer
+
+    from st_bitnet.multi_precision import find_quantizer
+
+    raw = _raw(tiny_model_dir, pairs_file, tmp_path, multi_precision={**MULTI_PRECISION, "rotation": True})
+    raw["training"]["learning_rate_mapping"] = {r"\.(offset|log_scale|gain|rotation_generator)$": 5e-2}
+    recipe = parse_recipe(raw)
+    assert recipe.model["multi_precision"].rotation
+    run_recipe(recipe)
+    model = SentenceTransformer(str(tmp_path / "final"), device="cpu", trust_remote_code=True)
+    quantizer = find_quantizer(model)
+    rotation = quantizer.rotation_matrix().detach()
+    dim = rotation.shape[0]
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(dim), atol=1e-5, rtol=0)
+    assert (rotation - torch.eye(dim)).abs().max() > 1e-3  # trained away from the identity it started at
+
+
 BAD_SCHEMAS = [
     ("yes", "must be true or a mapping"),
     ({"precision": [16, 1]}, r"unknown key\(s\) \['precision'\] in model.multi_precision"),
@@ -138,6 +156,7 @@ BAD_SCHEMAS = [
     ({"pooling": {"normalization": "batch"}}, "normalization must be one of"),
     ({"calibration": "percentile"}, "'std' or 'minmax'"),
     ({"binary_threshold": "mean"}, "'offset' or 'zero'"),
+    ({"rotation": "yes"}, "rotation.*true or false"),
 ]
 
 
@@ -210,6 +229,7 @@ def test_stage3_recipe_parses_with_its_multi_precision_section():
     recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "stage3_multi_precision_minilm.yaml")
     spec = recipe.model["multi_precision"]
     assert spec.precisions == (16, 8, 4, 2, 1) and spec.pooling["mode"] == "mean" and spec.calibration_rows == 512
+    assert spec.rotation and r"rotation_generator" in next(iter(recipe.training["learning_rate_mapping"]))
     assert recipe.loss["contrastive"]["multi_precision"] is True and recipe.teacher is not None
 
 

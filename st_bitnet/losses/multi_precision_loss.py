@@ -25,15 +25,15 @@ def quantize_labels(labels: Any, quantizer: MultiPrecisionQuantizer, bits: int, 
     """Map embedding-shaped labels (distillation targets) into the space of the ``bits``-bit output.
 
     Low-bit outputs live in the quantizer's normalized space, so a teacher embedding is compared there too:
-    ``clamp((y - offset) / scale, -1, 1)`` for 8/4/2 bits and the sign for 1 bit. Other labels pass through.
+    ``clamp((y R - offset) / scale, -1, 1)`` for 8/4/2 bits and the sign for 1 bit. Other labels pass through.
     """
     if bits == 16 or not isinstance(labels, Tensor) or labels.ndim not in (2, 3) or labels.size(-1) != embedding_dimension:
         return labels
     with torch.no_grad():
-        z = quantizer.normalize(labels.to(quantizer.offset.dtype))
+        labels_float = labels.to(quantizer.offset.dtype)
         if bits == 1:
-            return torch.where(labels > 0 if quantizer.binary_threshold == "zero" else z >= 0, 1.0, -1.0).to(labels.dtype)
-        return z.clamp(-1.0, 1.0).to(labels.dtype)
+            return torch.where(quantizer.binary_positive(labels_float), 1.0, -1.0).to(labels.dtype)
+        return quantizer.normalize(labels_float).clamp(-1.0, 1.0).to(labels.dtype)
 
 
 @contextmanager
@@ -43,19 +43,20 @@ def quantizer_tied_to_forward(quantizer: MultiPrecisionQuantizer) -> Iterator[No
     The losses fake-quantize the float output *after* the model's forward, so under ``DistributedDataParallel``
     (which searches each forward's output graph for the parameters it used) the ranges look unused, are marked
     ready early, and their gradient then arrives a second time ("Expected to mark a variable ready only once").
-    ``x + 0 * (offset.sum() + log_scale.sum())`` leaves every value and gradient as it was and makes the ranges part of
-    the forward. The hook runs inside the model (the quantizer is its last module), so inside DDP's forward.
+    ``x + 0 * (offset.sum() + log_scale.sum() + ...)`` (every quantizer parameter, the rotation's too) leaves every
+    value and gradient as it was and makes them part of the forward. The hook runs inside the model (the quantizer is its last module), so inside DDP's forward.
     """
 
     def tie(module, args, output):
         if torch.is_grad_enabled() and isinstance(output, dict) and isinstance(output.get("sentence_embedding"), Tensor):
-            zero = (module.offset.sum() + module.log_scale.sum()) * 0.0
+            zero = sum(parameter.sum() for parameter in module.parameters()) * 0.0
             output["sentence_embedding"] = output["sentence_embedding"] + zero.to(output["sentence_embedding"].dtype)
         return output
 
     handle = quantizer.register_forward_hook(tie)
     try:
-        yield
+        with quantizer.rotation_fixed():  # one R per loss forward, shared by every column and precision
+            yield
     finally:
         handle.remove()
 
@@ -104,16 +105,21 @@ class _QuantizingCalculateLoss:
     def __call__(self, reps: list[list[Tensor]], *args, **kwargs) -> Tensor:
         loss = 0.0
         for bits, weight in self.owner._sample_precisions():
-            quantized = [[self.quantizer.fake_quantize(r, bits) for r in minibatch] for minibatch in reps]
+            with self.quantizer.rotation_fixed():  # one R (and one graph) per precision, freed by its backward
+                quantized = [[self.quantizer.fake_quantize(r, bits) for r in minibatch] for minibatch in reps]
             if torch.is_grad_enabled():
                 # Detach so the inner loss's mini-batch backward passes leave the quantization graph intact,
-                # then continue the backward pass through it (weighted) ourselves.
+                # then continue the backward pass through it (weighted) ourselves, in one call.
                 leaves = [[r.detach().requires_grad_() for r in minibatch] for minibatch in quantized]
                 loss = loss + weight * self.fn(leaves, *args, **kwargs)
-                for q_minibatch, l_minibatch in zip(quantized, leaves):
-                    for q, leaf in zip(q_minibatch, l_minibatch):
-                        if leaf.grad is not None:
-                            q.backward(weight * leaf.grad)
+                pairs = [
+                    (q, weight * leaf.grad)
+                    for q_minibatch, l_minibatch in zip(quantized, leaves)
+                    for q, leaf in zip(q_minibatch, l_minibatch)
+                    if leaf.grad is not None
+                ]
+                if pairs:
+                    torch.autograd.backward([q for q, _ in pairs], [g for _, g in pairs])
             else:
                 loss = loss + weight * self.fn(quantized, *args, **kwargs)
         return loss
@@ -234,11 +240,12 @@ class MultiPrecisionLoss(nn.Module):
         teacher-driven inner loss reuses the combination's single teacher pass.
         """
         losses, weights = [], []
-        for bits, weight in self._sample_precisions():
-            quantized = [self.quantizer.fake_quantize(e, bits) for e in embeddings]
-            bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
-            losses.append(loss_fn(quantized, bit_labels, bits))
-            weights.append(weight)
+        with self.quantizer.rotation_fixed():
+            for bits, weight in self._sample_precisions():
+                quantized = [self.quantizer.fake_quantize(e, bits) for e in embeddings]
+                bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
+                losses.append(loss_fn(quantized, bit_labels, bits))
+                weights.append(weight)
         return self.combine(losses, weights)
 
     def compute_loss_from_embeddings(self, embeddings: Sequence[Tensor], labels: Any) -> Tensor:

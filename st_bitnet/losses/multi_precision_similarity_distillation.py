@@ -120,7 +120,7 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # each process saw its own first batch: take rank 0's ranges so the replicas stay identical
             with torch.no_grad():
-                for parameter in (self._quantizer.offset, self._quantizer.log_scale):
+                for parameter in self._quantizer.parameters():
                     torch.distributed.broadcast(parameter.data, src=0)
 
     def compute_loss_from_embeddings(self, student_embeddings: list[Tensor], teacher_embeddings: list[Tensor]) -> Tensor:
@@ -135,18 +135,20 @@ class MultiPrecisionSimilarityDistillationLoss(SimilarityDistributionDistillatio
         with torch.no_grad():
             teacher_scores = self.candidate_scores([t.detach().float() for t in teacher_embeddings])
         terms = []
-        for bits in self.precisions:
-            quantized = [quantizer.fake_quantize(s.float(), bits) for s in student_embeddings]
-            terms.append(self.compute_loss_from_scores(self.candidate_scores(quantized), teacher_scores.to(quantized[0])))
+        with quantizer.rotation_fixed():
+            for bits in self.precisions:
+                quantized = [quantizer.fake_quantize(s.float(), bits) for s in student_embeddings]
+                terms.append(self.compute_loss_from_scores(self.candidate_scores(quantized), teacher_scores.to(quantized[0])))
         return torch.stack(terms).mean()
 
     def compute_loss_from_labels(self, student_embeddings: list[Tensor], labels: Tensor) -> Tensor:
         """Precomputed teacher scores: each precision's own-candidate scores against them, averaged."""
         self._calibrate_once(student_embeddings)
         terms = []
-        for bits in self.precisions:
-            quantized = [self._quantizer.fake_quantize(s.float(), bits) for s in student_embeddings]
-            terms.append(super().compute_loss_from_labels(quantized, labels))
+        with self._quantizer.rotation_fixed():
+            for bits in self.precisions:
+                quantized = [self._quantizer.fake_quantize(s.float(), bits) for s in student_embeddings]
+                terms.append(super().compute_loss_from_labels(quantized, labels))
         return torch.stack(terms).mean()
 
     def get_config_dict(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class SafetensorsModuleIO:
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         self.save_config(output_path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.saved_state().items()}
         if state:
             save_safetensors_file(state, os.path.join(output_path, WEIGHTS_NAME))
 
@@ -54,6 +54,10 @@ class SafetensorsModuleIO:
             raise FileNotFoundError(f"No {WEIGHTS_NAME} for {cls.__name__} in {model_name_or_path}/{subfolder}.")
         module.load_saved_state(load_safetensors_file(weights_path), f"{model_name_or_path}/{subfolder}")
         return module
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The tensors written to ``model.safetensors`` (the state dict unless a subclass stores another form)."""
+        return self.state_dict()
 
     def load_saved_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         self.load_state_dict(state, strict=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +19,8 @@ from .quantized_embeddings import QuantizedEmbeddings
 
 BinaryThreshold = Literal["offset", "zero"]
 CalibrationMethod = Literal["std", "minmax"]
-
+# A saved rotation must be orthogonal to this tolerance (float32 storage of a trained rotation is ~1e-6 off).
+ORTHOGONALITY_TOLERANCE = 1e-3
 
 
 class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
@@ -28,6 +31,16 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
     is ``floor((z + 1) / 2 * 2**b)`` and the codes nest (the 4-bit code is the top half of the 8-bit code, the 1-bit
     code is its top bit = the sign of ``z``), as in Matryoshka Quantization. 16 bits is a passthrough of ``x``
     (rounded to float16 when stored).
+
+    With ``rotation=True`` the quantizer also learns an orthogonal map ``R`` applied before the offset and scale:
+    ``z = (x R - offset) / scale`` at every low precision (so the codes still nest). An orthogonal map leaves every
+    float cosine unchanged, but it chooses *which* directions the per-dimension codes, and above all the 1-bit signs,
+    are taken along: a per-dimension threshold is all a plain sign code can learn, a rotation can align the code
+    axes with the similarity structure. ``R = base @ (I + S)^-1 (I - S)`` with ``S = G - G^T`` (``G`` the strictly
+    upper triangle of ``rotation_generator``; the Cayley transform of a skew-symmetric matrix is orthogonal), so it
+    stays orthogonal during training; it starts as the identity (the quantizer then behaves exactly as without a
+    rotation) and is saved as one ``(dim, dim)`` matrix. The losses compute ``R`` once per forward
+    (:meth:`rotation_fixed`), not once per precision.
 
     In the pipeline the module is a passthrough, so ``model.encode`` returns the float output as before. During
     training :class:`~st_bitnet.losses.MultiPrecisionLoss` asks :meth:`fake_quantize` for every precision: the
@@ -41,9 +54,16 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         binary_threshold: ``"offset"`` (the 1-bit code is the sign of ``x - offset``: nested, trained) or ``"zero"``
             (the sign of ``x``, as sentence-transformers' ``binary``; used by post-hoc quantization).
         calibrated: Whether :meth:`calibrate` has set the ranges (saved so a reloaded model knows).
+        rotation: Learn an orthogonal map before the per-dimension quantizer (adds ``dim**2`` parameters; give its
+            ``rotation_generator`` the quantizer's learning rate). With ``binary_threshold="zero"`` the 1-bit code
+            is then the sign of ``x R``.
 
     References:
         - Nair et al., "Matryoshka Quantization", 2025: https://huggingface.co/papers/2502.06786
+        - Gong & Lazebnik, "Iterative Quantization" (a rotation before the sign), CVPR 2011
+        - Lezcano-Casado & Martinez-Rubio, "Cheap Orthogonal Constraints in Neural Networks" (orthogonal maps as
+          the Cayley / exponential image of a skew-symmetric parameter, around a base), ICML 2019:
+          https://arxiv.org/abs/1901.08428
         - Bengio et al., straight-through estimator, 2013: https://arxiv.org/abs/1308.3432
 
     Example:
@@ -58,7 +78,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
             codes = encode(model, ["A sentence"], precision="2bit")  # QuantizedEmbeddings, 96 bytes/vector
     """
 
-    config_keys = ["embedding_dimension", "precisions", "binary_threshold", "calibrated"]
+    config_keys = ["embedding_dimension", "precisions", "binary_threshold", "calibrated", "rotation"]
 
     def __init__(
         self,
@@ -66,6 +86,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         precisions: tuple[int, ...] | list[int] = BITS,
         binary_threshold: BinaryThreshold = "offset",
         calibrated: bool = False,
+        rotation: bool = False,
     ) -> None:
         super().__init__()
         if int(embedding_dimension) <= 0:
@@ -81,6 +102,13 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         self.calibrated = bool(calibrated)
         self.offset = nn.Parameter(torch.zeros(self.embedding_dimension))
         self.log_scale = nn.Parameter(torch.zeros(self.embedding_dimension))
+        self.rotation = bool(rotation)
+        if self.rotation:
+            dim = self.embedding_dimension
+            # R = rotation_base @ cayley(skew(rotation_generator)): orthogonal whatever the optimizer does.
+            self.rotation_generator = nn.Parameter(torch.zeros(dim, dim))
+            self.rotation_base = nn.Buffer(torch.eye(dim))
+        self._fixed_rotation: Tensor | None = None  # set inside rotation_fixed()
         # Runtime knob, not saved: when set, forward emits the fake-quantized embedding at this width (e.g. to run
         # a sentence-transformers evaluator at 2 bits during training). None = passthrough (the default).
         self.active_bits: int | None = None
@@ -95,9 +123,50 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         """Whether the 1-bit code is the top bit of the 8-bit code (``binary_threshold == "offset"``)."""
         return self.binary_threshold == "offset"
 
+    def rotation_matrix(self) -> Tensor | None:
+        """The orthogonal ``(dim, dim)`` map ``R`` applied before quantization (``x R``), or None without one."""
+        if not self.rotation:
+            return None
+        if self._fixed_rotation is not None:
+            return self._fixed_rotation
+        generator = self.rotation_generator
+        if not (torch.is_grad_enabled() and generator.requires_grad) and not generator.any():
+            return self.rotation_base  # a loaded (folded) rotation: nothing to solve at inference
+        upper = generator.triu(1)
+        skew = upper - upper.T
+        identity = torch.eye(self.embedding_dimension, dtype=skew.dtype, device=skew.device)
+        return self.rotation_base @ torch.linalg.solve(identity + skew, identity - skew)
+
+    @contextmanager
+    def rotation_fixed(self) -> Iterator[None]:
+        """Within the block every use of ``R`` shares one computation (and one autograd graph): a loss forward
+        fake-quantizes several columns at several precisions with the same ``R``. Re-entrant; no-op without a
+        rotation."""
+        if not self.rotation or self._fixed_rotation is not None:
+            yield
+            return
+        self._fixed_rotation = self.rotation_matrix()
+        try:
+            yield
+        finally:
+            self._fixed_rotation = None
+
+    def rotate(self, embeddings: Tensor) -> Tensor:
+        """``x R`` (the identity without a rotation)."""
+        rotation = self.rotation_matrix()
+        return embeddings if rotation is None else embeddings @ rotation.to(embeddings.dtype)
+
     def normalize(self, embeddings: Tensor) -> Tensor:
-        """``z = (x - offset) / scale``: the space where the bucket grid is ``[-1, 1)``."""
-        return (embeddings - self.offset.to(embeddings.dtype)) / self.scale.to(embeddings.dtype)
+        """``z = (x R - offset) / scale``: the space where the bucket grid is ``[-1, 1)``."""
+        return self._scale_rotated(self.rotate(embeddings))
+
+    def _scale_rotated(self, rotated: Tensor) -> Tensor:
+        return (rotated - self.offset.to(rotated.dtype)) / self.scale.to(rotated.dtype)
+
+    def binary_positive(self, embeddings: Tensor) -> Tensor:
+        """Where the 1-bit code is 1: ``z >= 0`` (threshold ``"offset"``) or ``x R > 0`` (``"zero"``). No gradient."""
+        rotated = self.rotate(embeddings)
+        return rotated > 0 if self.binary_threshold == "zero" else self._scale_rotated(rotated) >= 0
 
     def fake_quantize(self, embeddings: Tensor, bits: int) -> Tensor:
         """Dequantized ``bits``-bit embeddings with straight-through gradients (differentiable).
@@ -112,10 +181,11 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         bits = resolve_bits(bits)
         if bits == 16:
             return embeddings + (embeddings.to(torch.float16).to(embeddings.dtype) - embeddings).detach()
-        z = self.normalize(embeddings)
+        rotated = self.rotate(embeddings)
+        z = self._scale_rotated(rotated)
         clipped = z.clamp(-1.0, 1.0)
         if bits == 1:
-            positive = embeddings > 0 if self.binary_threshold == "zero" else z >= 0
+            positive = rotated > 0 if self.binary_threshold == "zero" else z >= 0
             signs = torch.where(positive, 1.0, -1.0).to(z.dtype)
             return clipped + (signs - clipped).detach()
         levels = float(1 << bits)
@@ -136,7 +206,8 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         method: CalibrationMethod = "std",
         std_multiplier: float = 2.0,
     ) -> MultiPrecisionQuantizer:
-        """Set ``offset`` / ``scale`` from representative embeddings (the starting point of training).
+        """Set ``offset`` / ``scale`` from representative embeddings (the starting point of training). With a
+        rotation, the statistics are those of the rotated embeddings ``x R``.
 
         Args:
             embeddings: ``(n, dim)`` float embeddings of calibration texts (a few hundred or more).
@@ -154,6 +225,9 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
             raise ValueError(f"Calibration embeddings must have shape (n, {self.embedding_dimension}), got {tuple(x.shape)}.")
         if x.shape[0] < 2:
             raise ValueError("Calibration needs at least 2 embeddings (ideally hundreds).")
+        rotation = self.rotation_matrix()
+        if rotation is not None:
+            x = x @ rotation.detach().to(torch.float64).cpu()
         if method == "std":
             offset = x.median(dim=0).values
             half_range = std_multiplier * x.std(dim=0)
@@ -177,12 +251,14 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         binary_threshold: BinaryThreshold = "offset",
         method: CalibrationMethod = "std",
         std_multiplier: float = 2.0,
+        rotation: bool = False,
     ) -> MultiPrecisionQuantizer:
-        """A new quantizer calibrated on ``embeddings`` (see :meth:`calibrate`)."""
+        """A new quantizer calibrated on ``embeddings`` (see :meth:`calibrate`); ``rotation`` as in the constructor
+        (it starts as the identity)."""
         embeddings = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, Tensor) else embeddings)
         if embeddings.ndim != 2:
             raise ValueError(f"Calibration embeddings must be 2-D (n, dim), got shape {embeddings.shape}.")
-        quantizer = cls(embeddings.shape[1], precisions=precisions, binary_threshold=binary_threshold)
+        quantizer = cls(embeddings.shape[1], precisions=precisions, binary_threshold=binary_threshold, rotation=rotation)
         return quantizer.calibrate(embeddings, method=method, std_multiplier=std_multiplier)
 
     # ---- inference -----------------------------------------------------------------------------------------------
@@ -207,7 +283,10 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         with torch.no_grad():
             offset = self.offset.detach().double().cpu().numpy()
             scale = self.scale.detach().double().cpu().numpy()
+            rotation = self.rotation_matrix()
         x = x.astype(np.float64)
+        if rotation is not None:
+            x = x @ rotation.detach().double().cpu().numpy()
         z = (x - offset) / scale
         if bits == 1:
             positive = x > 0 if self.binary_threshold == "zero" else z >= 0
@@ -218,15 +297,39 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         return self.embedding_dimension
 
     # ---- persistence ---------------------------------------------------------------------------------------------
-    # Saved by SafetensorsModuleIO: always safetensors, the ranges are two small tensors, never pickled.
+    # Saved by SafetensorsModuleIO: always safetensors, never pickled. The file holds ``offset`` and ``log_scale``
+    # and, with a rotation, the orthogonal matrix itself as ``rotation`` (base and generator folded into one).
+    def saved_state(self) -> dict[str, Tensor]:
+        state = {"offset": self.offset, "log_scale": self.log_scale}
+        if self.rotation:
+            with torch.no_grad():
+                state["rotation"] = self.rotation_matrix().detach()
+        return state
+
     def load_saved_state(self, state: dict[str, Tensor], source: str) -> None:
-        missing = {"offset", "log_scale"} - set(state)
+        expected = {"offset", "log_scale"} | ({"rotation"} if self.rotation else set())
+        missing = expected - set(state)
         if missing:
             raise ValueError(f"MultiPrecisionQuantizer weights in {source} lack {sorted(missing)}.")
+        unexpected = set(state) - expected
+        if unexpected:
+            raise ValueError(
+                f"MultiPrecisionQuantizer weights in {source} have unexpected {sorted(unexpected)} "
+                f"(its config says rotation={self.rotation})."
+            )
+        dim = self.embedding_dimension
         for name in ("offset", "log_scale"):
-            if tuple(state[name].shape) != (self.embedding_dimension,):
-                raise ValueError(
-                    f"MultiPrecisionQuantizer {name} has shape {tuple(state[name].shape)}, "
-                    f"expected ({self.embedding_dimension},)."
-                )
-        self.load_state_dict({k: state[k] for k in ("offset", "log_scale")})
+            if tuple(state[name].shape) != (dim,):
+                raise ValueError(f"MultiPrecisionQuantizer {name} has shape {tuple(state[name].shape)}, expected ({dim},).")
+        with torch.no_grad():
+            self.offset.copy_(state["offset"])
+            self.log_scale.copy_(state["log_scale"])
+            if self.rotation:
+                rotation = state["rotation"]
+                if tuple(rotation.shape) != (dim, dim):
+                    raise ValueError(f"MultiPrecisionQuantizer rotation has shape {tuple(rotation.shape)}, expected ({dim}, {dim}).")
+                error = (rotation.double() @ rotation.double().T - torch.eye(dim, dtype=torch.float64)).abs().max().item()
+                if not error <= ORTHOGONALITY_TOLERANCE:
+                    raise ValueError(f"MultiPrecisionQuantizer rotation in {source} is not orthogonal (max |R R^T - I| = {error:.2e}).")
+                self.rotation_base.copy_(rotation)
+                self.rotation_generator.zero_()

@@ -124,6 +124,7 @@ def attach_output_quantizer(model, spec: MultiPrecisionSpec, texts: list[str], b
         embeddings,
         precisions=spec.precisions,
         binary_threshold=spec.binary_threshold,
+        rotation=spec.rotation,
         method=spec.calibration,
         std_multiplier=spec.std_multiplier,
     )

@@ -57,7 +57,9 @@ TEACHER_LOSSES = {
 EVALUATION_SETS = ("stsb", "sick")
 
 # model.multi_precision: the output quantizer the runner appends to the student before training.
-MULTI_PRECISION_KEYS = {"precisions", "pooling", "calibration_rows", "calibration", "std_multiplier", "binary_threshold"}
+MULTI_PRECISION_KEYS = {
+    "precisions", "pooling", "calibration_rows", "calibration", "std_multiplier", "binary_threshold", "rotation"
+}
 MULTI_PRECISION_EXAMPLE = "{precisions: [16, 8, 4, 2, 1], pooling: mean, calibration_rows: 512}"
 POOLING_MODES = ("mean", "cls", "lasttoken", "max")
 POOLING_KEYS = {"mode", "normalization", "include_prompt"}
@@ -101,6 +103,8 @@ class MultiPrecisionSpec:
         calibration: ``"std"`` (median / ``std_multiplier`` x std) or ``"minmax"``.
         std_multiplier: half-width of the ``"std"`` range in standard deviations.
         binary_threshold: ``"offset"`` (nested 1-bit code, trained) or ``"zero"`` (sign of the value).
+        rotation: whether the quantizer learns an orthogonal map before its codes (identity at start; give
+            ``rotation_generator`` the quantizer's learning rate in ``learning_rate_mapping``).
     """
 
     precisions: tuple[int, ...] = (16, 8, 4, 2, 1)
@@ -109,6 +113,7 @@ class MultiPrecisionSpec:
     calibration: str = "std"
     std_multiplier: float = 2.0
     binary_threshold: str = "offset"
+    rotation: bool = False
 
 
 def _parse_precisions(value: Any, what: str) -> tuple[int, ...]:
@@ -154,7 +159,8 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
     Mapping keys: ``precisions`` (default ``[16, 8, 4, 2, 1]``), ``pooling`` (``keep`` (default), ``mean``, ``cls``,
     ``lasttoken``, ``max``, or ``{mode, normalization: rms|layer|none, include_prompt}``), ``calibration_rows``
     (training texts to calibrate on, default 512, at least 2), ``calibration`` (``std`` | ``minmax``),
-    ``std_multiplier`` (default 2.0), ``binary_threshold`` (``offset`` | ``zero``).
+    ``std_multiplier`` (default 2.0), ``binary_threshold`` (``offset`` | ``zero``), ``rotation`` (default false: a
+    learned orthogonal map before the codes).
 
     Raises:
         RecipeError: naming the bad key and what it accepts.
@@ -186,6 +192,9 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
     threshold = value.get("binary_threshold", spec.binary_threshold)
     if threshold not in ("offset", "zero"):
         raise RecipeError(f"model.multi_precision.binary_threshold{where} must be 'offset' or 'zero', got {threshold!r}")
+    rotation = value.get("rotation", spec.rotation)
+    if not isinstance(rotation, bool):
+        raise RecipeError(f"model.multi_precision.rotation{where} must be true or false, got {rotation!r}")
     return MultiPrecisionSpec(
         precisions=tuple(sorted(precisions, reverse=True)),
         pooling=_parse_pooling(value.get("pooling"), where),
@@ -193,6 +202,7 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
         calibration=calibration,
         std_multiplier=float(multiplier),
         binary_threshold=threshold,
+        rotation=rotation,
     )
 
 
