@@ -130,11 +130,22 @@ def test_forward_is_passthrough_unless_active_bits_set(embeddings, quantizer):
     np.testing.assert_allclose(out.detach().numpy(), quantizer.quantize(embeddings[:5], 2).dequantize(), atol=1e-6)
 
 
-def test_calibration_handles_constant_dimension():
-    x = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+@pytest.mark.parametrize("method", ["minmax", "std"])
+def test_calibration_handles_constant_and_near_constant_dimensions(method):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 4)).astype(np.float32)
     x[:, 2] = 0.7
-    codes = MultiPrecisionQuantizer.from_embeddings(x, method="minmax").quantize(x, 2).unpacked()
-    assert np.all(codes[:, 2] == 2)  # the middle bucket, not an edge that would bias every dot product
+    x[:, 3] = 0.7 + 1e-6 * rng.normal(size=50)  # next to no spread, like a real MiniLM output dimension
+    quantizer = MultiPrecisionQuantizer.from_embeddings(x, method=method)
+    for bits in (8, 4, 2, 1):
+        codes = quantizer.quantize(x, bits).unpacked()
+        # The upper-middle bucket at every width (nested), not rounding noise or an edge biasing every dot product.
+        assert np.all(codes[:, 2:] == 1 << (bits - 1)), bits
+    # Their straight-through gradient is an ordinary one, not 1 / (a range of 1e-6).
+    inputs = torch.from_numpy(x).requires_grad_()
+    quantizer.fake_quantize(inputs, 2).sum().backward()
+    gradient = inputs.grad.abs().max(dim=0).values
+    assert gradient[3] <= 10 * gradient[:2].max()
     with pytest.raises(ValueError, match="at least 2"):
         MultiPrecisionQuantizer.from_embeddings(x[:1])
 

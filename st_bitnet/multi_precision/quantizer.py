@@ -19,6 +19,8 @@ from .quantized_embeddings import QuantizedEmbeddings
 
 BinaryThreshold = Literal["offset", "zero"]
 CalibrationMethod = Literal["std", "minmax"]
+# Calibration: a dimension whose range is below this fraction of the median range is treated as constant.
+DEGENERATE_RANGE_FRACTION = 1e-3
 # A saved rotation must be orthogonal to this tolerance (float32 storage of a trained rotation is ~1e-6 off).
 ORTHOGONALITY_TOLERANCE = 1e-3
 
@@ -236,8 +238,16 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
             offset, half_range = (low + high) / 2, (high - low) / 2
         else:
             raise ValueError(f"Unknown calibration method {method!r}; expected 'std' or 'minmax'.")
-        # A constant dimension has no range: give it unit scale so it maps to the middle bucket, not an edge.
-        half_range = torch.where(half_range > 1e-12, half_range, torch.ones_like(half_range))
+        # A dimension with next to no spread carries no information (all-MiniLM-L6-v2's output has one: std 1e-5,
+        # the others ~1). Its own range would make its codes rounding noise and its straight-through gradient
+        # 1 / range (~1e6 x the others', enough to dominate gradient clipping). Give it the typical range and put
+        # it just above its offset, so every width codes it in the upper-middle bucket (nested; the smallest
+        # constant term in every dot product) and its gradient is an ordinary one.
+        typical = half_range.quantile(0.5)  # interpolated: with few dimensions the lower median may be degenerate
+        typical = typical if typical > 1e-12 else torch.ones_like(typical)
+        degenerate = half_range < DEGENERATE_RANGE_FRACTION * typical
+        half_range = torch.where(degenerate, typical, half_range)
+        offset = torch.where(degenerate, offset - typical / 256, offset)  # z = +1/256: inside [0, 1/128)
         self.offset.copy_(offset.to(self.offset.dtype))
         self.log_scale.copy_(half_range.log().to(self.log_scale.dtype))
         self.calibrated = True
