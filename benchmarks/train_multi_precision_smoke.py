@@ -31,7 +31,7 @@ import torch
 from scipy.stats import spearmanr
 
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
 
 from st_bitnet import data
 from st_bitnet.teacher import FrozenTeacher
@@ -96,7 +96,21 @@ def build_model(
     return model
 
 
-def train(model, pairs, loss, max_steps: int, batch_size: int, lr: float, quantizer_lr: float, seed: int) -> float:
+def graded_rows(seed: int) -> list[dict]:
+    """STS-B and SICK *train* pairs with their graded 0-5 scores (for CoSENT), shuffled."""
+    rows = [
+        {"sentence1": r["sentence1"], "sentence2": r["sentence2"], "score": float(r["score"])}
+        for name in ("stsb", "sick")
+        for r in data.load_sts(name, "train")
+    ]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def train(model, pairs, loss, max_steps: int, batch_size: int, lr: float, quantizer_lr: float, seed: int,
+          graded=None) -> float:
+    """Train on ``pairs`` with ``loss``; with ``graded = (rows, graded_loss)`` also on scored pairs, alternating
+    batches (round robin) between the two datasets."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     args = SentenceTransformerTrainingArguments(
@@ -114,8 +128,13 @@ def train(model, pairs, loss, max_steps: int, batch_size: int, lr: float, quanti
         use_cpu=True,
         dataloader_drop_last=True,
         batch_sampler="no_duplicates",
+        multi_dataset_batch_sampler="round_robin",
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data.to_dataset(pairs), loss=loss)
+    train_dataset = data.to_dataset(pairs)
+    if graded is not None:
+        train_dataset = {"pairs": train_dataset, "graded": data.to_dataset(graded[0])}
+        loss = {"pairs": loss, "graded": graded[1]}
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset, loss=loss)
     start = time.time()
     trainer.train()
     return time.time() - start
@@ -243,6 +262,10 @@ def main() -> None:
         "--rotation", action="store_true",
         help="the trained quantizer also learns an orthogonal map before its per-dimension codes (identity at start)",
     )
+    parser.add_argument(
+        "--graded", action="store_true",
+        help="also train MultiPrecisionLoss(CoSENTLoss) on the graded STS-B + SICK train pairs (alternate batches)",
+    )
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--save-model", default=None, help="folder to save the multi-precision model to")
     parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_run3.json")
@@ -290,7 +313,12 @@ def main() -> None:
         weights["self_kd"] = args.self_kd
     if len(components) > 1:
         loss = WeightedCombinationLoss(model, components, weights=weights)
-    seconds = train(model, pairs, loss, args.max_steps, args.batch_size, args.lr, args.quantizer_lr, args.seed)
+    graded = None
+    if args.graded:
+        # Graded similarity at every precision: CoSENT on scored train pairs (the pairs sources only keep score >= 4).
+        graded_loss = MultiPrecisionLoss(model, CoSENTLoss(model), precisions=BITS, precision_weights=args.precision_weights)
+        graded = (graded_rows(args.seed), graded_loss)
+    seconds = train(model, pairs, loss, args.max_steps, args.batch_size, args.lr, args.quantizer_lr, args.seed, graded)
     report["train_seconds_multi_precision"] = seconds
     model.eval()
     report["runs"].update(
