@@ -146,6 +146,10 @@ def test_calibration_handles_constant_and_near_constant_dimensions(method):
     quantizer.fake_quantize(inputs, 2).sum().backward()
     gradient = inputs.grad.abs().max(dim=0).values
     assert gradient[3] <= 10 * gradient[:2].max()
+    # The post-hoc baseline keeps sentence-transformers' semantics: the near-constant dimension keeps its own range.
+    baseline = posthoc_quantizer(x)
+    assert baseline.scale[3].item() == pytest.approx((x[:, 3].max() - x[:, 3].min()) / 2, rel=1e-5)
+    assert np.all(baseline.quantize(x, 2).unpacked()[:, 2] == 2)  # an exactly constant one: the middle code
     with pytest.raises(ValueError, match="at least 2"):
         MultiPrecisionQuantizer.from_embeddings(x[:1])
 

@@ -47,7 +47,8 @@ def posthoc_quantizer(
     """Post-hoc quantizer of a model without a trained one: sentence-transformers' recipe, per dimension.
 
     Ranges are the min / max of ``embeddings`` (``quantize_embeddings``' ``int8``/``uint8`` calibration), split into
-    ``2**b`` equal buckets for 8/4/2 bits; 1 bit is the sign of the value (``binary``/``ubinary``).
+    ``2**b`` equal buckets for 8/4/2 bits; 1 bit is the sign of the value (``binary``/``ubinary``). A near-constant
+    dimension keeps its own tiny range, as in sentence-transformers (only an exactly constant one is special-cased).
 
     Raises:
         ValueError: With fewer than 2 embeddings (no range can be measured).
@@ -60,7 +61,7 @@ def posthoc_quantizer(
             "MultiPrecisionQuantizer."
         )
     return MultiPrecisionQuantizer.from_embeddings(
-        embeddings, precisions=precisions, binary_threshold="zero", method="minmax"
+        embeddings, precisions=precisions, binary_threshold="zero", method="minmax", degenerate_fraction=0.0
     )
 
 

@@ -207,6 +207,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         embeddings: np.ndarray | Tensor,
         method: CalibrationMethod = "std",
         std_multiplier: float = 2.0,
+        degenerate_fraction: float = DEGENERATE_RANGE_FRACTION,
     ) -> MultiPrecisionQuantizer:
         """Set ``offset`` / ``scale`` from representative embeddings (the starting point of training). With a
         rotation, the statistics are those of the rotated embeddings ``x R``.
@@ -217,6 +218,9 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
                 (clips outliers, good for 2 and 4 bits). ``"minmax"``: the per-dimension min/max range of
                 sentence-transformers' ``int8`` quantization (offset = midrange, scale = half range).
             std_multiplier: Half-width of the range in standard deviations for ``method="std"``.
+            degenerate_fraction: A dimension whose range is under this fraction of the median range carries no
+                information: it gets the median range and a fixed middle code (0 keeps every measured range, as
+                sentence-transformers does; an exactly constant dimension always gets the middle code).
 
         Returns:
             ``self``, calibrated.
@@ -245,7 +249,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         # constant term in every dot product) and its gradient is an ordinary one.
         typical = half_range.quantile(0.5)  # interpolated: with few dimensions the lower median may be degenerate
         typical = typical if typical > 1e-12 else torch.ones_like(typical)
-        degenerate = half_range < DEGENERATE_RANGE_FRACTION * typical
+        degenerate = (half_range < degenerate_fraction * typical) | (half_range <= 1e-12)
         half_range = torch.where(degenerate, typical, half_range)
         offset = torch.where(degenerate, offset - typical / 256, offset)  # z = +1/256: inside [0, 1/128)
         self.offset.copy_(offset.to(self.offset.dtype))
@@ -262,6 +266,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         method: CalibrationMethod = "std",
         std_multiplier: float = 2.0,
         rotation: bool = False,
+        degenerate_fraction: float = DEGENERATE_RANGE_FRACTION,
     ) -> MultiPrecisionQuantizer:
         """A new quantizer calibrated on ``embeddings`` (see :meth:`calibrate`); ``rotation`` as in the constructor
         (it starts as the identity)."""
@@ -269,7 +274,9 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         if embeddings.ndim != 2:
             raise ValueError(f"Calibration embeddings must be 2-D (n, dim), got shape {embeddings.shape}.")
         quantizer = cls(embeddings.shape[1], precisions=precisions, binary_threshold=binary_threshold, rotation=rotation)
-        return quantizer.calibrate(embeddings, method=method, std_multiplier=std_multiplier)
+        return quantizer.calibrate(
+            embeddings, method=method, std_multiplier=std_multiplier, degenerate_fraction=degenerate_fraction
+        )
 
     # ---- inference -----------------------------------------------------------------------------------------------
     def quantize(self, embeddings: np.ndarray | Tensor, bits: int | str) -> QuantizedEmbeddings:
