@@ -44,7 +44,9 @@ def quantizer_tied_to_forward(quantizer: MultiPrecisionQuantizer) -> Iterator[No
     (which searches each forward's output graph for the parameters it used) the ranges look unused, are marked
     ready early, and their gradient then arrives a second time ("Expected to mark a variable ready only once").
     ``x + 0 * (offset.sum() + log_scale.sum() + ...)`` (every quantizer parameter, the rotation's too) leaves every
-    value and gradient as it was and makes them part of the forward. The hook runs inside the model (the quantizer is its last module), so inside DDP's forward.
+    value and gradient as it was and makes them part of the forward. The hook runs inside the model (the quantizer
+    is its last module), so inside DDP's forward. The block also fixes the rotation for its duration (one ``R`` per
+    loss forward).
     """
 
     def tie(module, args, output):
