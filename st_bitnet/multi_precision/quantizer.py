@@ -168,7 +168,11 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
     def binary_positive(self, embeddings: Tensor) -> Tensor:
         """Where the 1-bit code is 1: ``z >= 0`` (threshold ``"offset"``) or ``x R > 0`` (``"zero"``). No gradient."""
         rotated = self.rotate(embeddings)
-        return rotated > 0 if self.binary_threshold == "zero" else self._scale_rotated(rotated) >= 0
+        return self._binary_rule(rotated, self._scale_rotated(rotated))
+
+    def _binary_rule(self, rotated, normalized):
+        """The 1-bit rule on ``x R`` and ``z`` (tensors or numpy arrays): one place for training and inference."""
+        return rotated > 0 if self.binary_threshold == "zero" else normalized >= 0
 
     def fake_quantize(self, embeddings: Tensor, bits: int) -> Tensor:
         """Dequantized ``bits``-bit embeddings with straight-through gradients (differentiable).
@@ -187,8 +191,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         z = self._scale_rotated(rotated)
         clipped = z.clamp(-1.0, 1.0)
         if bits == 1:
-            positive = rotated > 0 if self.binary_threshold == "zero" else z >= 0
-            signs = torch.where(positive, 1.0, -1.0).to(z.dtype)
+            signs = torch.where(self._binary_rule(rotated, z), 1.0, -1.0).to(z.dtype)
             return clipped + (signs - clipped).detach()
         levels = float(1 << bits)
         codes = torch.floor((clipped + 1.0) * (levels / 2.0)).clamp(0.0, levels - 1.0)
@@ -306,8 +309,7 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
             x = x @ rotation.detach().double().cpu().numpy()
         z = (x - offset) / scale
         if bits == 1:
-            positive = x > 0 if self.binary_threshold == "zero" else z >= 0
-            return QuantizedEmbeddings.from_codes(positive.astype(np.uint8), 1)
+            return QuantizedEmbeddings.from_codes(self._binary_rule(x, z).astype(np.uint8), 1)
         return QuantizedEmbeddings.from_codes(codes_from_normalized(z, bits), bits)
 
     def get_embedding_dimension(self) -> int:
