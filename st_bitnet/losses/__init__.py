@@ -17,6 +17,8 @@ from sentence_transformers.sentence_transformer.losses import (
 
 from .attention_relation_distillation import AttentionRelationDistillationLoss
 from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
+from .hidden_state_capture import HiddenStateCapture
+from .hidden_state_distillation import HiddenStateDistillationLoss
 from .multi_precision_loss import MultiPrecisionLoss
 from .multi_precision_similarity_distillation import MultiPrecisionSimilarityDistillationLoss
 from .pair_similarity_distillation import PairSimilarityDistillationLoss
@@ -29,6 +31,8 @@ __all__ = [
     "CachedMultipleNegativesRankingLoss",
     "CoSENTLoss",
     "EmbeddingMSEDistillationLoss",
+    "HiddenStateCapture",
+    "HiddenStateDistillationLoss",
     "MultiPrecisionLoss",
     "MultiPrecisionSimilarityDistillationLoss",
     "MultipleNegativesRankingLoss",

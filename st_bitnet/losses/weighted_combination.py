@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from .attention_relation_distillation import AttentionRelationDistillationLoss
 from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
+from .hidden_state_capture import HiddenStateCapture
+from .hidden_state_distillation import HiddenStateDistillationLoss
 from .multi_precision_loss import MultiPrecisionLoss, quantize_labels, quantizer_tied_to_forward
 from .qkv_capture import QKVCapture
 from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
@@ -84,7 +86,13 @@ class WeightedCombinationLoss(nn.Module):
                     f"component {name!r}: the attention-relation loss does not read the output embedding, so "
                     "MultiPrecisionLoss cannot apply it per precision; add it as its own component"
                 )
-            if isinstance(inner, (SimilarityDistributionDistillationLoss, AttentionRelationDistillationLoss)):
+            if inner is not loss and isinstance(inner, HiddenStateDistillationLoss):
+                raise ValueError(
+                    f"component {name!r}: the hidden-state loss does not read the output embedding, so "
+                    "MultiPrecisionLoss cannot apply it per precision; add it as its own component"
+                )
+            if isinstance(inner, (SimilarityDistributionDistillationLoss, AttentionRelationDistillationLoss,
+                                  HiddenStateDistillationLoss)):
                 if inner.teacher is not None:
                     teachers.append(inner.teacher)
             elif not hasattr(inner, "compute_loss_from_embeddings"):
@@ -96,6 +104,10 @@ class WeightedCombinationLoss(nn.Module):
         if len(attention) > 1:
             raise ValueError("use a single AttentionRelationDistillationLoss (list several layer pairs in it instead)")
         self.attention_loss = attention[0] if attention else None
+        hidden = [loss for loss in self.losses.values() if isinstance(loss, HiddenStateDistillationLoss)]
+        if len(hidden) > 1:
+            raise ValueError("use a single HiddenStateDistillationLoss (list several layers in it instead)")
+        self.hidden_state_loss = hidden[0] if hidden else None
 
     def _needs_live_teacher_embeddings(self) -> bool:
         return any(
@@ -113,7 +125,9 @@ class WeightedCombinationLoss(nn.Module):
         components = {}
         for name, loss in self.losses.items():
             if isinstance(loss, AttentionRelationDistillationLoss):
-                value = torch.stack(attention_terms).mean()
+                value = torch.stack(attention_terms["attention"]).mean()
+            elif isinstance(loss, HiddenStateDistillationLoss):
+                value = torch.stack(attention_terms["hidden"]).mean()
             elif isinstance(loss, MultiPrecisionLoss):
                 value = self._multi_precision_value(name, loss, student_embeddings, teacher_embeddings, labels)
             else:
@@ -131,25 +145,35 @@ class WeightedCombinationLoss(nn.Module):
         return list(found.values())
 
     def _forward_columns(self, sentence_features: list[dict[str, Tensor]]):
-        """One student (and, when needed, one teacher) forward per column; the attention terms when captured."""
-        attention = self.attention_loss
-        student_embeddings, teacher_embeddings, attention_terms = [], [], []
+        """One student (and, when needed, one teacher) forward per column; the attention-relation and hidden-state
+        terms per column when those components are present (captured by hooks during the same passes)."""
+        attention, hidden = self.attention_loss, self.hidden_state_loss
+        captures = {}
         if attention is not None:
-            s_cap = QKVCapture(self.model, [s for s, _ in attention.layer_pairs])
-            t_cap = QKVCapture(self.teacher.model, [t for _, t in attention.layer_pairs])
-            with s_cap, t_cap:
-                for features in sentence_features:
-                    student_embeddings.append(self.model(dict(features))["sentence_embedding"])
-                    teacher_embeddings.append(self.teacher.embed(features))
-                    attention_terms.append(
-                        attention.compute_loss_from_projections(s_cap.pop(), t_cap.pop(), features["attention_mask"])
-                    )
-        else:
+            captures["attention"] = (QKVCapture(self.model, [s for s, _ in attention.layer_pairs]),
+                                     QKVCapture(self.teacher.model, [t for _, t in attention.layer_pairs]))
+        if hidden is not None:
+            captures["hidden"] = (HiddenStateCapture(self.model, hidden.student_layers),
+                                  HiddenStateCapture(self.teacher.model, sorted(set(hidden.teacher_layers))))
+        terms = {name: [] for name in captures}
+        live_teacher = bool(captures) or self._needs_live_teacher_embeddings()
+        student_embeddings, teacher_embeddings = [], []
+        with ExitStack() as stack:
+            for s_cap, t_cap in captures.values():
+                stack.enter_context(s_cap)
+                stack.enter_context(t_cap)
             for features in sentence_features:
                 student_embeddings.append(self.model(dict(features))["sentence_embedding"])
-                if self._needs_live_teacher_embeddings():
+                if live_teacher:
                     teacher_embeddings.append(self.teacher.embed(features))
-        return student_embeddings, teacher_embeddings, attention_terms
+                mask = features["attention_mask"]
+                if attention is not None:
+                    s_cap, t_cap = captures["attention"]
+                    terms["attention"].append(attention.compute_loss_from_projections(s_cap.pop(), t_cap.pop(), mask))
+                if hidden is not None:
+                    s_cap, t_cap = captures["hidden"]
+                    terms["hidden"].append(hidden.compute_loss_from_hidden_states(s_cap.pop(), t_cap.pop(), mask))
+        return student_embeddings, teacher_embeddings, terms
 
     @staticmethod
     def _output_value(name: str, loss: nn.Module, student_embeddings, teacher_embeddings, labels) -> Tensor:
