@@ -242,6 +242,21 @@ def scifact_train_pairs() -> list[dict[str, str]]:
     return pairs
 
 
+def scifact_title_pairs() -> list[dict[str, str]]:
+    """(title, abstract) pairs of the SciFact corpus, the documents judged relevant to a dev query excluded.
+
+    Unsupervised in-domain pairs (no query, no relevance label): a title is a short query-like summary of its
+    abstract. Leaving out every positive of the 200 dev queries keeps the documents the dev protocol scores
+    against unseen in training, so dev retrieval still measures generalisation to new documents too.
+    """
+    corpus, _, qrels = load_beir("scifact")
+    _, dev_ids = scifact_split()
+    held_out = {doc_id for qid in dev_ids for doc_id, relevance in qrels[qid].items() if relevance > 0}
+    return [{"anchor": doc["title"].strip(), "positive": doc["text"].strip()}
+            for doc_id, doc in sorted(corpus.items())
+            if doc_id not in held_out and doc["title"].strip() and doc["text"].strip()]
+
+
 def dev_classification_splits(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train_rows, eval_rows) for a classification dev task: the classifier fits on the first, scores on the second.
 

@@ -175,3 +175,98 @@ def test_precomputed_teacher_scores_recipe_trains(tmp_path, tiny_model_dir, pair
     assert results["global_step"] == 2
     curve = _train_losses(tmp_path)
     assert len(curve) == 2 and all(r["loss"] > 0 for r in curve.values())
+
+
+# ---------------------------------------------------------------- the CPU-budget stages: warm start, mined negatives
+STAGED_LOSS = {
+    "hidden_kd": {"type": "HiddenStateDistillationLoss", "weight": 1.0},
+    "embedding_mse": {"type": "EmbeddingMSEDistillationLoss", "weight": 1.0},
+    "contrastive": {"type": "MultipleNegativesRankingLoss", "weight": 0.5},
+}
+
+
+def _pairs_only_file(tmp_path, pairs_file):
+    import json
+
+    rows = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
+    path = tmp_path / "pairs2.jsonl"
+    path.write_text("\n".join(json.dumps({"anchor": r["anchor"], "positive": r["positive"]}) for r in rows) + "\n")
+    return str(path)
+
+
+def test_warm_start_mined_negatives_hidden_kd_bf16_auto_and_resume(tmp_path, tiny_model_dir, pairs_file):
+    data_file = _pairs_only_file(tmp_path, pairs_file)
+
+    def raw(out):
+        r = _raw(tiny_model_dir, data_file, out, loss=STAGED_LOSS)
+        r["warm_start"] = {"type": "blockwise", "texts": 48, "steps_per_block": 4, "batch_size": 8, "held_out_batches": 1}
+        r["hard_negatives"] = {"num_negatives": 1, "range_min": 1, "range_max": 20, "relative_margin": 0.0}
+        r["training"]["bf16"] = "auto"
+        return r
+
+    full = run_recipe(parse_recipe(raw(tmp_path / "full")))
+    assert full["global_step"] == 6
+    report = __import__("json").loads((tmp_path / "full" / "warm_start.json").read_text())
+    assert [b["block"] for b in report] == [0, 1] and all(b["steps"] == 4 for b in report)
+    mined = tmp_path / "full" / "hard_negatives"
+    assert any(mined.rglob("settings.json"))  # mined once, reused by a resumed run
+    curve = _train_losses(tmp_path / "full")
+    assert all({"hidden_kd", "embedding_mse", "contrastive"} <= set(r) for r in curve.values())
+
+    interrupted = parse_recipe(raw(tmp_path / "resumed"))
+    run_recipe(interrupted, extra_callbacks=[_StopAt(3)])
+    resumed = run_recipe(interrupted, resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert resumed["global_step"] == 6
+    again = _train_losses(tmp_path / "resumed")
+    for step in (4, 5, 6):
+        for key in ("loss", "hidden_kd", "embedding_mse"):
+            assert again[step][key] == pytest.approx(curve[step][key], rel=2e-2, abs=2e-3), (step, key)
+
+
+def test_warm_start_and_hard_negative_sections_are_validated(tmp_path, pairs_file):
+    with pytest.raises(RecipeError, match="warm_start.steps_per_block"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, warm_start={"steps_per_block": 0}))
+    with pytest.raises(RecipeError, match="unexpected keyword|warm_start"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, warm_start={"stepz": 3}))
+    with pytest.raises(RecipeError, match="unknown keys"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, hard_negatives={"negatives": 3}))
+    with pytest.raises(RecipeError, match="not datasets of this recipe"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, hard_negatives={"datasets": ["nope"]}))
+    no_teacher = _raw("m", pairs_file, tmp_path, loss={"c": {"type": "MultipleNegativesRankingLoss"}},
+                      warm_start={"texts": 8})
+    del no_teacher["teacher"]
+    with pytest.raises(RecipeError, match="teacher section"):
+        parse_recipe(no_teacher)
+
+
+def test_bf16_setting_resolves_and_reaches_the_loss(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    import torch
+
+    from st_bitnet.losses import HiddenStateDistillationLoss
+    from st_bitnet.training import mixed_precision
+    from st_bitnet.training.mixed_precision import resolve_bf16
+
+    assert resolve_bf16(True, True) == (True, "set in the recipe")
+    assert resolve_bf16(None, True)[0] is False
+    with pytest.raises(ValueError, match="true, false or auto"):
+        resolve_bf16("yes", True)
+    monkeypatch.setattr(mixed_precision, "cpu_bf16_speedup", lambda: 1.0)
+    assert resolve_bf16("auto", True)[0] is False  # no gain measured: float32
+    monkeypatch.setattr(mixed_precision, "cpu_bf16_speedup", lambda: 2.5)
+    assert resolve_bf16("auto", True)[0] is True
+
+    from st_bitnet.bitlinear import BitLinear
+
+    seen = []
+    original = BitLinear.forward
+
+    def record(self, x):
+        if self.training:  # training steps (not the model card's widget encoding at save time)
+            seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, x)
+
+    monkeypatch.setattr(BitLinear, "forward", record)
+    raw = _raw(tiny_model_dir, _pairs_only_file(tmp_path, pairs_file), tmp_path, loss=STAGED_LOSS)
+    raw["training"].update(bf16="auto", max_steps=1, save_strategy="no")
+    run_recipe(parse_recipe(raw))
+    assert seen and all(seen)  # the student's projections ran under bf16 autocast

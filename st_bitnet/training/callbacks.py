@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 
 from transformers import TrainerCallback
 
@@ -27,9 +29,35 @@ class LossLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 2), **logs}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop training (with a checkpoint) once this process has trained for ``minutes`` of wall clock.
+
+    A safety net for a stated budget: the learning-rate schedule still follows ``max_steps``, so size
+    ``max_steps`` to the budget and let this stop only an unexpectedly slow run. A resumed run gets the budget
+    afresh.
+    """
+
+    def __init__(self, minutes: float):
+        if not minutes > 0:
+            raise ValueError(f"training.time_budget_minutes must be positive, got {minutes!r}")
+        self.seconds = 60.0 * float(minutes)
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.monotonic() - self.start >= self.seconds and not control.should_training_stop:
+            logging.getLogger(__name__).warning(
+                "time budget of %.0f min reached at step %d of %d: saving and stopping", self.seconds / 60,
+                state.global_step, state.max_steps)
+            control.should_training_stop = True
+            control.should_save = True
 
 
 def read_loss_log(path: str | os.PathLike) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 
@@ -41,6 +42,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    package_logger = logging.getLogger("st_bitnet")
+    if not package_logger.handlers:  # the run's choices (bf16, warm start, mined negatives) go to stderr
+        package_logger.addHandler(handler)
+        package_logger.setLevel(logging.INFO)
     if args.check:
         datasets = load_training_datasets(recipe.datasets, seed=recipe.seed)
         sizes = {k: len(v) for k, v in datasets.items()} if hasattr(datasets, "keys") else {recipe.datasets[0].key: len(datasets)}

@@ -12,6 +12,7 @@ Built-in names (``name:`` in a recipe):
 ``msrp``               train pairs labelled paraphrase -> (anchor, positive)
 ``trecqa``             train (question, correct answer, wrong answer for the same question) -> triplets
 ``scifact``            train queries (the 200 dev queries excluded) -> (anchor = query, positive = passage)
+``scifact_titles``     corpus (title, abstract) pairs, the dev queries' relevant documents excluded
 ``banking77``          train rows outside the held-out 20% -> (text, another text with the same label)
 ``emotion``            Emotion train -> same-label pairs (only 6 labels: many in-batch false negatives)
 ``amazon_counterfactual``  train -> same-label pairs (2 labels: mostly false negatives; not recommended)
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BUILTIN_DATASETS = ("stsb", "sick", "msrp", "trecqa", "scifact", "banking77", "emotion", "amazon_counterfactual")
+BUILTIN_DATASETS = ("stsb", "sick", "msrp", "trecqa", "scifact", "scifact_titles", "banking77", "emotion",
+                    "amazon_counterfactual")
 # Sets whose offline copies hold only evaluation splits.
 EVALUATION_ONLY = {"snli": "SNLI is only available as dev/test offline, and both are reserved for evaluation"}
 FILE_SUFFIXES = {".tsv": "csv", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -163,6 +165,8 @@ def builtin_rows(spec: DatasetSpec, seed: int) -> list[dict[str, str]]:
         return _trecqa_triplets(rng)
     if name == "scifact":
         return data.scifact_train_pairs()  # dev queries excluded there
+    if name == "scifact_titles":
+        return data.scifact_title_pairs()  # dev queries' documents excluded there
     if name == "banking77":
         train_rows, _heldout = data.banking77_split()
         return _same_label_pairs(train_rows, rng)

@@ -37,7 +37,9 @@ from typing import Any
 from .datasets import DatasetSpec, check_spec
 
 TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", "prompts", "loss", "training",
-                  "evaluation", "resume_from_checkpoint", "description"}  # fmt: skip
+                  "evaluation", "resume_from_checkpoint", "description", "warm_start", "hard_negatives"}  # fmt: skip
+# hard_negatives: negatives mined by the teacher for the (anchor, positive) datasets, see runner.mine_negatives.
+HARD_NEGATIVE_KEYS = {"num_negatives", "range_min", "range_max", "relative_margin", "datasets", "batch_size"}
 MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device",
               "multi_precision", "trust_remote_code", "gguf_file", "pooling", "normalize", "prompts",
               "freeze"}  # fmt: skip
@@ -53,6 +55,7 @@ TEACHER_LOSSES = {
     "EmbeddingMSEDistillationLoss",
     "PairSimilarityDistillationLoss",
     "MultiPrecisionSimilarityDistillationLoss",
+    "HiddenStateDistillationLoss",
 }
 EVALUATION_SETS = ("stsb", "sick")
 
@@ -67,7 +70,8 @@ POOLING_NORMALIZATIONS = ("rms", "layer", "none")
 # loss.<name>.multi_precision: the MultiPrecisionLoss wrapper of one component.
 LOSS_MULTI_PRECISION_KEYS = {"precisions", "precision_weights", "n_precisions_per_step"}
 # Components that cannot be wrapped: no output embedding to quantize, or already multi-precision.
-NOT_MULTI_PRECISION_WRAPPABLE = {"AttentionRelationDistillationLoss", "MultiPrecisionLoss", "MultiPrecisionSimilarityDistillationLoss"}
+NOT_MULTI_PRECISION_WRAPPABLE = {"AttentionRelationDistillationLoss", "HiddenStateDistillationLoss", "MultiPrecisionLoss",
+                                 "MultiPrecisionSimilarityDistillationLoss"}
 
 
 class RecipeError(ValueError):
@@ -88,6 +92,8 @@ class Recipe:
     evaluation: list[str] = field(default_factory=list)
     resume_from_checkpoint: str | bool | None = None
     source: str | None = None
+    warm_start: Any = None  # BlockwiseConfig: block-wise reconstruction before training
+    hard_negatives: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -430,6 +436,8 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     for name in evaluation:
         if name not in EVALUATION_SETS:
             raise RecipeError(f"unknown evaluation set {name!r}{where}; known: {EVALUATION_SETS}")
+    warm_start = parse_warm_start(raw.get("warm_start"), teacher, where)
+    hard_negatives = parse_hard_negatives(raw.get("hard_negatives"), teacher, specs, where)
     training = dict(raw.get("training") or {})
     if "output_dir" in training:
         raise RecipeError("set output_dir at the top level of the recipe, not under training")
@@ -446,7 +454,52 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
         evaluation=evaluation,
         resume_from_checkpoint=raw.get("resume_from_checkpoint"),
         source=source,
+        warm_start=warm_start,
+        hard_negatives=hard_negatives,
     )
+
+
+def parse_warm_start(value: Any, teacher, where: str = ""):
+    """``warm_start: {type: blockwise, texts: 2048, steps_per_block: 200, ...}`` -> a BlockwiseConfig (or None)."""
+    if value is None or value is False:
+        return None
+    from .blockwise import BlockwiseConfig
+
+    if not isinstance(value, dict) or value.get("type", "blockwise") != "blockwise":
+        raise RecipeError(f"warm_start{where} must be {{type: blockwise, texts: ..., steps_per_block: ...}}, got {value!r}")
+    if teacher is None:
+        raise RecipeError(f"warm_start{where} reconstructs the teacher's blocks: add a teacher section")
+    fields = {k: v for k, v in value.items() if k != "type"}
+    try:
+        return BlockwiseConfig(**fields)
+    except TypeError as error:
+        raise RecipeError(f"warm_start{where}: {error}") from None
+    except ValueError as error:
+        raise RecipeError(f"{error}{where}") from None
+
+
+def parse_hard_negatives(value: Any, teacher, specs, where: str = "") -> dict[str, Any] | None:
+    """``hard_negatives: {num_negatives: 1, range_min: 10, range_max: 50, datasets: [scifact]}``: validated dict."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise RecipeError(f"hard_negatives{where} must be a mapping, e.g. {{num_negatives: 1, range_min: 10, range_max: 50}}")
+    bad = set(value) - HARD_NEGATIVE_KEYS
+    if bad:
+        raise RecipeError(f"hard_negatives{where}: unknown keys {sorted(bad)}; known: {sorted(HARD_NEGATIVE_KEYS)}")
+    if teacher is None:
+        raise RecipeError(f"hard_negatives{where} are mined by the teacher: add a teacher section")
+    out = {"num_negatives": 1, "range_min": 10, "range_max": 50, "relative_margin": 0.05, "batch_size": 64, **value}
+    for key in ("num_negatives", "range_min", "range_max", "batch_size"):
+        if not isinstance(out[key], int) or out[key] < 0 or (key != "range_min" and out[key] == 0):
+            raise RecipeError(f"hard_negatives.{key}{where} must be a positive integer, got {out[key]!r}")
+    if out["range_max"] <= out["range_min"]:
+        raise RecipeError(f"hard_negatives{where}: range_max must exceed range_min")
+    names = [spec.key for spec in specs]
+    unknown = [d for d in out.get("datasets") or [] if d not in names]
+    if unknown:
+        raise RecipeError(f"hard_negatives.datasets{where}: {unknown} are not datasets of this recipe ({names})")
+    return out
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .callbacks import LossLogCallback
+from .callbacks import LossLogCallback, TimeBudgetCallback
 from .datasets import load_training_datasets
 from .recipe import MultiPrecisionSpec, Recipe, RecipeError, load_recipe, parse_freeze, parse_multi_precision
 
@@ -373,7 +373,14 @@ def build_evaluator(names: list[str], batch_size: int = 64):
 def training_arguments(recipe: Recipe):
     from sentence_transformers import SentenceTransformerTrainingArguments
 
+    from .mixed_precision import resolve_bf16
+
     kwargs = {**DEFAULT_TRAINING_ARGS, **recipe.training}
+    kwargs.pop("time_budget_minutes", None)  # the runner's own option (TimeBudgetCallback)
+    if kwargs.get("bf16") == "auto":
+        use_cpu = bool(kwargs.get("use_cpu")) or not _cuda_available()
+        kwargs["bf16"], reason = resolve_bf16("auto", use_cpu)
+        logger.info("training.bf16 %s", reason)
     kwargs.setdefault("seed", recipe.seed)
     kwargs.setdefault("data_seed", recipe.seed)
     if recipe.prompts:
@@ -382,6 +389,12 @@ def training_arguments(recipe: Recipe):
         return SentenceTransformerTrainingArguments(output_dir=recipe.output_dir, **kwargs)
     except TypeError as error:
         raise RecipeError(f"bad training option: {error}") from None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _precompute_scores(recipe: Recipe, datasets, teacher):
@@ -405,8 +418,76 @@ def _calibration_sentences(dataset, limit: int = 256) -> list[str]:
     return [t for t in first.select(range(min(limit, len(first))))[column] if isinstance(t, str) and t.strip()]
 
 
-def build_trainer(recipe: Recipe, extra_callbacks: list | None = None):
-    """Everything the recipe describes, wired into a ``SentenceTransformerTrainer`` (not started)."""
+def mine_negatives(recipe: Recipe, train_dataset, teacher):
+    """Add teacher-mined hard negatives (``recipe.hard_negatives``) to the (anchor, positive) datasets.
+
+    sentence-transformers' ``mine_hard_negatives`` ranks each dataset's own positives by the teacher's similarity to
+    the anchor and keeps, per row, ``num_negatives`` candidates ranked between ``range_min`` and ``range_max`` whose
+    score is below ``(1 - relative_margin)`` x the positive's (skipping the very top ranks, where unlabelled true
+    positives sit). Rows without enough such candidates are dropped. The mined sets are saved under
+    ``<output_dir>/hard_negatives`` and reused by a resumed run.
+    """
+    from datasets import Dataset, DatasetDict, load_from_disk
+    from sentence_transformers.util import mine_hard_negatives
+
+    settings = dict(recipe.hard_negatives)
+    wanted = settings.pop("datasets", None)
+    named = dict(train_dataset) if isinstance(train_dataset, DatasetDict) else {recipe.datasets[0].key: train_dataset}
+    root = Path(recipe.output_dir) / "hard_negatives"
+    out = {}
+    for key, dataset in named.items():
+        pairs = dataset.column_names[:2] == ["anchor", "positive"] and len(dataset.column_names) == 2
+        if (wanted is not None and key not in wanted) or (wanted is None and not pairs):
+            out[key] = dataset
+            continue
+        if not pairs:
+            raise RecipeError(f"hard_negatives: dataset {key!r} has columns {dataset.column_names}, not (anchor, positive)")
+        folder = root / key
+        stamp = json.dumps({"rows": len(dataset), **settings}, sort_keys=True)
+        if (folder / "settings.json").is_file() and (folder / "settings.json").read_text() == stamp:
+            out[key] = load_from_disk(str(folder / "data"))
+            logger.info("hard negatives for %s: reused %s (%d rows)", key, folder, len(out[key]))
+            continue
+        mined = mine_hard_negatives(
+            dataset, teacher.model, anchor_column_name="anchor", positive_column_name="positive",
+            range_min=settings["range_min"], range_max=settings["range_max"],
+            relative_margin=settings["relative_margin"], num_negatives=settings["num_negatives"],
+            sampling_strategy="top", output_format="n-tuple", batch_size=settings["batch_size"], verbose=False,
+        )  # fmt: skip
+        logger.info("hard negatives for %s: %d of %d rows kept", key, len(mined), len(dataset))
+        folder.mkdir(parents=True, exist_ok=True)
+        mined.save_to_disk(str(folder / "data"))
+        (folder / "settings.json").write_text(stamp)
+        out[key] = mined
+    if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DatasetDict):
+        return next(iter(out.values()))
+    return DatasetDict(out)
+
+
+def run_warm_start(recipe: Recipe, student, teacher, train_dataset, bf16: bool) -> list[dict]:
+    """Block-wise reconstruction of the teacher's blocks (``recipe.warm_start``); report saved as JSON."""
+    import contextlib
+
+    import torch
+
+    from .blockwise import blockwise_warm_start
+    from .output_quantizer import calibration_texts
+
+    config = recipe.warm_start
+    texts = calibration_texts(train_dataset, 2 * config.texts, recipe.prompts)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and student.device.type == "cpu" else contextlib.nullcontext()
+    with autocast:
+        report = blockwise_warm_start(student, teacher.model, texts, config, seed=recipe.seed)
+    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(recipe.output_dir) / "warm_start.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_start: bool = True):
+    """Everything the recipe describes, wired into a ``SentenceTransformerTrainer`` (not started).
+
+    ``warm_start=False`` skips the recipe's block-wise warm start (a resumed run loads trained weights instead).
+    """
     from sentence_transformers import SentenceTransformerTrainer
     from transformers import set_seed
 
@@ -414,10 +495,25 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None):
     train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)  # data errors before model loading
     student = load_student(recipe, _calibration_sentences(train_dataset), train_dataset)
     teacher = load_teacher(recipe, student)
+    if recipe.hard_negatives:
+        train_dataset = mine_negatives(recipe, train_dataset, teacher)
     train_dataset = _precompute_scores(recipe, train_dataset, teacher)
     loss = build_loss(recipe, student, teacher)
     args = training_arguments(recipe)
+    if args.bf16 and student.device.type == "cpu":
+        from st_bitnet.convert import find_transformer_modules
+
+        from .mixed_precision import autocast_forward
+
+        # the backbone modules, not the SentenceTransformer: the trainer (accelerate) re-wraps the model's own forward
+        for module in find_transformer_modules(student) + (find_transformer_modules(teacher.model) if teacher else []):
+            autocast_forward(module)
+    if recipe.warm_start is not None and warm_start:
+        set_seed(recipe.seed)
+        run_warm_start(recipe, student, teacher, train_dataset, bool(args.bf16))
     callbacks = [LossLogCallback(Path(recipe.output_dir) / LOSS_LOG), *(extra_callbacks or [])]
+    if recipe.training.get("time_budget_minutes") is not None:
+        callbacks.append(TimeBudgetCallback(recipe.training["time_budget_minutes"]))
     trainer = SentenceTransformerTrainer(
         model=student,
         args=args,
@@ -494,8 +590,8 @@ def run_recipe(
         recipe = load_recipe(recipe, overrides)
     elif overrides:
         raise RecipeError("overrides apply to recipe files; edit the Recipe object instead")
-    trainer = build_trainer(recipe, extra_callbacks)
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else recipe.resume_from_checkpoint
+    trainer = build_trainer(recipe, extra_callbacks, warm_start=not resume)
     output = trainer.train(resume_from_checkpoint=resume or None)
     results: dict[str, Any] = {"recipe": recipe.name, "train": dict(output.metrics), "global_step": output.global_step}
     if trainer.is_world_process_zero():
