@@ -126,7 +126,19 @@ def storage_report(folder: Path) -> dict:
 
 
 def cmd_demo(args) -> int:
-    """The main job: real Gemma3-270M -> BitNet embedder, similarities and storage per precision."""
+    """The main job: all-MiniLM-L6-v2 -> distilled ternary embedder, quality / speed / storage side by side.
+
+    ``--gemma3`` (or a MODEL) converts a backbone instead, without training: similarities and storage only."""
+    if not args.gemma3 and args.model is None:
+        from .demo import run_demo
+
+        run_demo(output=args.output or "outputs/demo-minilm", steps=args.steps, quick=args.quick)
+        return 0
+    return cmd_convert_demo(args)
+
+
+def cmd_convert_demo(args) -> int:
+    """Real Gemma3-270M (or MODEL) -> BitNet embedder, untrained: similarities and storage per precision."""
     import numpy as np
     import torch
 
@@ -145,7 +157,7 @@ def cmd_demo(args) -> int:
         calibrate_norms(student, DEMO_SENTENCES)  # fit the added norms so the untrained model stays close
     from .sentence_transformer import save_pretrained
 
-    out = save_pretrained(student, args.output)
+    out = save_pretrained(student, args.output or "outputs/bitnet-gemma3-270m")
     bit = student.encode(DEMO_SENTENCES, convert_to_numpy=True)
     np.set_printoptions(precision=3, suppress=True)
     print("\ncosine similarities, full precision backbone:\n", fp @ fp.T)
@@ -193,9 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="convert the embedded Gemma3-270M (or MODEL) and show similarities and storage")
+    p = sub.add_parser("demo", help="distill the packaged all-MiniLM-L6-v2 into a ternary embedder in a few minutes and "
+                                    "compare it with its teacher (--gemma3: convert Gemma3-270M, untrained)")
     _add_model_args(p, model_required=False)
-    p.add_argument("--output", default="outputs/bitnet-gemma3-270m", help="where to save the packed model")
+    p.add_argument("--gemma3", action="store_true", help="convert the embedded Gemma3-270M GGUF instead (no training)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the demo recipe's)")
+    p.add_argument("--quick", action="store_true", help="a few steps only (checks the pipeline, not the quality)")
+    p.add_argument("--output", default=None,
+                   help="output folder (default: outputs/demo-minilm, or outputs/bitnet-gemma3-270m with --gemma3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert", help="convert a backbone to a packed BitNet embedder folder (untrained)")
