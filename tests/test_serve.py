@@ -154,7 +154,7 @@ def test_openai_client_parses_the_response(served, minilm):
 def test_codes_equal_multi_precision_encode_with_the_startup_quantizer(served, minilm):
     client, app = served
     quantizer = app.state.codec.quantizer
-    reference = posthoc_quantizer(minilm.encode(list(DEFAULT_CALIBRATION_TEXTS)))  # calibrated on the built-in list
+    reference = posthoc_quantizer(minilm.encode(list(DEFAULT_CALIBRATION_TEXTS), batch_size=LIMITS.max_batch_size))
     np.testing.assert_allclose(quantizer.offset.detach().numpy(), reference.offset.detach().numpy(), rtol=0, atol=1e-6)
     for precision in ("8bit", "4bit", "2bit", "1bit"):
         expected = mp_encode(minilm, TEXTS, precision=precision, quantizer=quantizer).codes
@@ -169,8 +169,8 @@ def test_codes_equal_multi_precision_encode_with_the_startup_quantizer(served, m
                                               ("ubinary", np.uint8)])
 def test_sentence_transformers_precisions_use_startup_calibration(served, minilm, precision, dtype):
     client, _ = served
-    expected = quantize_embeddings(minilm.encode(TEXTS), precision,
-                                   calibration_embeddings=minilm.encode(list(DEFAULT_CALIBRATION_TEXTS)))
+    calibration = minilm.encode(list(DEFAULT_CALIBRATION_TEXTS), batch_size=LIMITS.max_batch_size)  # as the server
+    expected = quantize_embeddings(minilm.encode(TEXTS), precision, calibration_embeddings=calibration)
     np.testing.assert_array_equal(np.asarray(rows(post(client, input=TEXTS, precision=precision)), dtype=dtype), expected)
     np.testing.assert_array_equal(
         b64_rows(post(client, input=TEXTS, precision=precision, encoding_format="base64"), dtype), expected
@@ -323,9 +323,55 @@ def test_batches_respect_max_batch_size(minilm):
     assert all(r.status_code == 200 for r in responses)
     assert sum(model.calls) == 12 and 5 in model.calls  # the 5-text request runs alone, never split
     assert all(size <= 3 for size in model.calls if size != 5), model.calls
+    assert len(model.calls) <= 5, model.calls  # the 7 single texts were batched (at least 3 per call but 2 or 3)
     for body, response in zip(bodies, responses):
         texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
         np.testing.assert_allclose(np.asarray(rows(response), np.float32), minilm.encode(texts), rtol=0, atol=1e-5)
+
+
+class GatedModel(CountingModel):
+    """Blocks in ``encode`` until ``gate`` is set; fails on the text "boom"."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def encode(self, texts, **kwargs):
+        if "boom" in texts:
+            raise RuntimeError("the model failed on this batch")
+        self.calls.append(len(texts))
+        assert self.gate.wait(60)
+        return self._model.encode(texts, **kwargs)
+
+
+def test_full_queue_answers_503_and_model_errors_500(minilm):
+    model = GatedModel(minilm)
+    app = create_app(model, model_name="minilm",
+                     limits=ServeLimits(max_batch_size=2, max_wait_ms=0, max_inputs=2, max_queued_texts=2))
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            body = {"model": "minilm", "input": ["first text", "second text"]}
+            model.gate.clear()
+            running_request = asyncio.create_task(client.post("/v1/embeddings", json=body))
+            while len(model.calls) < 2:  # the startup calibration was the first call
+                await asyncio.sleep(0.01)
+            queued_request = asyncio.create_task(client.post("/v1/embeddings", json=body))
+            while (await client.get("/health")).json()["queued_texts"] < 2:
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/embeddings", json=body)
+            model.gate.set()
+            first, second = await running_request, await queued_request
+            failed = await client.post("/v1/embeddings", json={"model": "minilm", "input": "boom"})
+            return refused, failed, first, second
+
+    with running(app) as url:
+        refused, failed, first, second = asyncio.run(scenario(url))
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert "retry later" in refused.json()["error"]["message"]
+    assert failed.status_code == 500 and "the model failed on this batch" in failed.json()["error"]["message"]
+    assert first.status_code == second.status_code == 200
 
 
 # ---- BitNet models -------------------------------------------------------------------------------------------------
@@ -412,6 +458,23 @@ def test_cli_serve_end_to_end(tmp_path, minilm):
         response = httpx.post(url + "/v1/embeddings", json={"model": "minilm", "input": TEXTS, "precision": "uint8"})
         expected = quantize_embeddings(minilm.encode(TEXTS), "uint8", calibration_embeddings=minilm.encode(TEXTS))
         np.testing.assert_array_equal(np.asarray(rows(response), np.uint8), expected)  # calibrated on the file
+
+        # SIGTERM while a large request runs: the request still completes, then the server exits
+        in_flight: dict = {}
+
+        def large_request():
+            body = {"model": "minilm", "input": [f"sentence {i} on a long topic with many words" for i in range(1024)]}
+            in_flight["response"] = httpx.post(url + "/v1/embeddings", json=body, timeout=300)
+            in_flight["finished"] = time.monotonic()
+
+        thread = threading.Thread(target=large_request)
+        thread.start()
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        proc.terminate()
+        thread.join(300)
+        assert in_flight["finished"] > signalled, "the request finished before SIGTERM: make it larger"
+        assert in_flight["response"].status_code == 200 and len(in_flight["response"].json()["data"]) == 1024
     finally:
         proc.terminate()
         proc.wait(30)

@@ -1,14 +1,13 @@
 """``OutputCodec``: the precisions the server returns, calibrated once, and their JSON / base64 forms.
 
-=================================  ===========================================================  ===============
-``precision`` (request field)      values per vector                                            base64 bytes
-=================================  ===========================================================  ===============
-``float32`` (default)              ``dim`` floats, the model's output                           little-endian float32
-``float16`` (``16bit``)            ``dim`` floats rounded to half precision                     little-endian float16
-``int8`` / ``uint8``               ``dim`` ints, sentence-transformers' post-hoc min/max buckets  one byte each
-``binary`` / ``ubinary``           ``ceil(dim/8)`` ints, sentence-transformers' packed signs    one byte each
-``8bit`` ``4bit`` ``2bit`` ``1bit``  ``packed_width(dim, bits)`` ints: st_bitnet's packed codes   one byte each
-=================================  ===========================================================  ===============
+Per vector, as a JSON list (``encoding_format="float"``) or base64 of the little-endian bytes (``"base64"``):
+
+- ``float32`` (default): ``dim`` floats, the model's output (base64: float32 bytes, as OpenAI).
+- ``float16`` (alias ``16bit``): ``dim`` floats rounded to half precision (base64: float16 bytes).
+- ``int8`` / ``uint8``: ``dim`` integers, sentence-transformers' min/max buckets (one byte each).
+- ``binary`` / ``ubinary``: ``ceil(dim / 8)`` integers, sentence-transformers' packed signs (one byte each).
+- ``8bit`` / ``4bit`` / ``2bit`` / ``1bit``: ``packed_width(dim, bits)`` bytes, st_bitnet's packed nested codes
+  (:class:`~st_bitnet.multi_precision.QuantizedEmbeddings` layout).
 
 The ``*bit`` codes come from the model's trained :class:`~st_bitnet.multi_precision.MultiPrecisionQuantizer` when
 it has one, otherwise from a post-hoc quantizer (:func:`~st_bitnet.multi_precision.posthoc_quantizer`) fitted
