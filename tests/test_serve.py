@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -207,6 +206,27 @@ def test_dimensions_truncate_and_renormalize(served, minilm):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(rows(post(client, input=TEXTS, dimensions=384)), np.float32),
                                   minilm.encode(TEXTS))
+
+
+def test_prompt_name_prepends_the_models_prompt():
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_minilm.get_model_path()), device="cpu", prompts={"query": "search query: "})
+    app = create_app(model, model_name="minilm-prompts")
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        response = client.post("/v1/embeddings", json={"model": "minilm-prompts", "input": TEXTS, "prompt_name": "query"})
+        plain = client.post("/v1/embeddings", json={"model": "minilm-prompts", "input": TEXTS})
+    np.testing.assert_array_equal(np.asarray(rows(response), np.float32), model.encode(TEXTS, prompt_name="query"))
+    assert not np.allclose(np.asarray(rows(response), np.float32), np.asarray(rows(plain), np.float32))
+    with_prompt = int(model.preprocess(TEXTS, prompt="search query: ")["attention_mask"].sum())
+    assert response.json()["usage"]["prompt_tokens"] == with_prompt
+    assert with_prompt == plain.json()["usage"]["prompt_tokens"] + 3 * len(TEXTS)  # "search query :" is 3 tokens
+
+    model.default_prompt_name = "query"  # encode now prepends it by default, and usage must count it
+    with running(create_app(model, model_name="minilm-prompts")) as url:
+        default = httpx.post(url + "/v1/embeddings", json={"model": "minilm-prompts", "input": TEXTS}, timeout=60)
+    np.testing.assert_array_equal(np.asarray(rows(default), np.float32), model.encode(TEXTS))
+    assert default.json()["usage"]["prompt_tokens"] == with_prompt
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------

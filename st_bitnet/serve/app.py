@@ -50,9 +50,13 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
 def _is_token_ids(value: Any) -> bool:
-    ints = lambda xs: isinstance(xs, list) and bool(xs) and all(isinstance(x, int) and not isinstance(x, bool) for x in xs)  # noqa: E731
-    return ints(value) or (isinstance(value, list) and bool(value) and all(ints(x) for x in value))
+    """OpenAI's token-id forms of ``input``: a list of ints or a list of such lists."""
+    return _is_int_list(value) or (isinstance(value, list) and bool(value) and all(_is_int_list(x) for x in value))
 
 
 def validate_input(value: Any, limits: ServeLimits) -> list[str]:
@@ -164,7 +168,9 @@ def create_app(
             texts, prompt_name=prompt_name, batch_size=limits.max_batch_size, convert_to_numpy=True,
             show_progress_bar=False,
         )
-        tokens = _token_counts(model, texts, prompts.get(prompt_name) if prompt_name else None)
+        # encode falls back to the model's default prompt, so the token count does too
+        effective = prompt_name or getattr(model, "default_prompt_name", None)
+        tokens = _token_counts(model, texts, prompts.get(effective) if effective else None)
         return np.asarray(embeddings, dtype=np.float32), tokens
 
     batcher = DynamicBatcher(
@@ -197,7 +203,7 @@ def create_app(
         error_type = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return APIError(err.status_code, str(err.detail), error_type=error_type).response()
 
-    def model_card() -> dict:
+    def model_object() -> dict:
         return {
             "id": model_name, "object": "model", "created": created, "owned_by": "st_bitnet",
             "dimensions": codec.dim, "max_seq_length": getattr(model, "max_seq_length", None),
@@ -213,14 +219,14 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_object()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         if model_id != model_name:
             raise APIError(404, f"model {model_id!r} not found; this server serves {model_name!r}", "model",
                            "model_not_found", "not_found_error")
-        return model_card()
+        return model_object()
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

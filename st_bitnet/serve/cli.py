@@ -16,7 +16,9 @@ def _serve_command(args: argparse.Namespace) -> int:
 
         from .app import create_app
     except ModuleNotFoundError as err:
-        raise SystemExit(f"st-bitnet serve needs FastAPI and uvicorn: pip install \"st_bitnet[serve]\" ({err})") from err
+        raise SystemExit(
+            f"st-bitnet serve needs FastAPI and uvicorn: pip install \"st_bitnet[serve]\" ({err})"
+        ) from err
     from st_bitnet.sentence_transformer import load
 
     from .calibration import read_calibration_texts
@@ -42,8 +44,10 @@ def add_subparser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve MODEL behind an OpenAI-compatible POST /v1/embeddings (needs st_bitnet[serve])",
     )
-    p.add_argument("model", help="saved folder or Hub id (st_bitnet, Microsoft bitnet-embedding, any SentenceTransformer)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("model",
+                   help="saved folder or Hub id (st_bitnet, Microsoft bitnet-embedding, any SentenceTransformer)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on; 0.0.0.0 for every interface (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--served-model-name", default=None,
                    help="the `model` value clients send and responses carry (default: MODEL's last path part)")
@@ -51,12 +55,16 @@ def add_subparser(subparsers) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="needed for models saved with st_bitnet modules such as a MultiPrecisionQuantizer")
     p.add_argument("--max-batch-size", type=int, default=_DEFAULTS.max_batch_size,
-                   help="most texts per model.encode call; concurrent requests are gathered up to this (default: %(default)s)")
+                   help="most texts per model.encode call; concurrent requests are gathered up to this "
+                        "(default: %(default)s)")
     p.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms,
                    help="how long a request waits for others to share its batch (default: %(default)s)")
-    p.add_argument("--max-inputs", type=int, default=_DEFAULTS.max_inputs, help="most texts per request (default: %(default)s)")
-    p.add_argument("--max-input-chars", type=int, default=_DEFAULTS.max_input_chars, help="most characters per text (default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes, help="largest request body in bytes (default: %(default)s)")
+    p.add_argument("--max-inputs", type=int, default=_DEFAULTS.max_inputs,
+                   help="most texts per request (default: %(default)s)")
+    p.add_argument("--max-input-chars", type=int, default=_DEFAULTS.max_input_chars,
+                   help="most characters per text (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
+                   help="largest request body in bytes (default: %(default)s)")
     p.add_argument("--max-queued-texts", type=int, default=_DEFAULTS.max_queued_texts,
                    help="texts allowed to wait for the model before requests get 503 (default: %(default)s)")
     p.add_argument("--calibration-texts", default=None,

@@ -26,7 +26,6 @@ import numpy as np
 from st_bitnet.multi_precision import (
     MultiPrecisionQuantizer,
     find_quantizer,
-    packed_width,
     posthoc_quantizer,
 )
 from st_bitnet.multi_precision.precision import LOW_BITS, PRECISION_BITS, PRECISION_NAMES, ST_PRECISIONS
