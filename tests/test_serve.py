@@ -26,7 +26,7 @@ from sentence_transformers.util.quantization import quantize_embeddings  # noqa:
 from st_bitnet.multi_precision import MultiPrecisionQuantizer, encode as mp_encode, posthoc_quantizer  # noqa: E402
 from st_bitnet.serve import DEFAULT_CALIBRATION_TEXTS, ServeLimits, create_app  # noqa: E402
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, run_python  # noqa: E402
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -447,6 +447,17 @@ def test_cli_rejects_bad_settings_before_loading(tmp_path, capsys):
     assert "calibration needs at least 2 texts" in capsys.readouterr().err
     assert main(["serve", "no-such-model", "--max-batch-size", "0"]) == 2
     assert "max_batch_size must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter importing st_bitnet (torch, transformers)
+def test_cli_and_package_import_no_web_stack():
+    out = run_python(
+        "import st_bitnet, st_bitnet.serve\n"
+        "from st_bitnet.cli import build_parser\n"
+        "build_parser().parse_args(['serve', 'some-model', '--port', '9000'])\n"
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'httpx') if m in sys.modules))"
+    )
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def _free_port() -> int:

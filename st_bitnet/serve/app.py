@@ -8,12 +8,14 @@ use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. Extra re
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -122,6 +124,23 @@ def _token_counts(model, texts: list[str], prompt: str | None) -> np.ndarray:
     """Tokens per text as the model sees them (prompt and special tokens included, after truncation)."""
     features = model.preprocess(texts, prompt=prompt)
     return features["attention_mask"].sum(dim=1).cpu().numpy()
+
+
+def _render(codec: OutputCodec, vectors: np.ndarray, tokens: np.ndarray, req: EmbeddingRequest, precision: str,
+            model_name: str) -> bytes:
+    """The response body: OpenAI's embeddings object (+ ``precision``/``dimensions`` for non-float32 outputs)."""
+    rows = codec.convert(vectors, precision, req.dimensions)
+    data = [
+        {"object": "embedding", "index": i, "embedding": value}
+        for i, value in enumerate(codec.serialize(rows, req.encoding_format))
+    ]
+    n_tokens = int(tokens.sum())
+    response = {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+    if precision != "float32":
+        response["precision"] = precision  # the extra fields only appear when the extra option is used
+        response["dimensions"] = req.dimensions or codec.dim  # what a client needs to unpack the codes
+    return json.dumps(response, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def create_app(
@@ -255,17 +274,9 @@ def create_app(
             vectors, tokens = await batcher.submit(texts, key=req.prompt_name)
         except ServerOverloaded as err:
             raise APIError(503, str(err), None, "overloaded", "server_error") from None
-        rows = codec.convert(vectors, precision, req.dimensions)
-        data = [
-            {"object": "embedding", "index": i, "embedding": value}
-            for i, value in enumerate(codec.serialize(rows, req.encoding_format))
-        ]
-        n_tokens = int(tokens.sum())
-        response = {"object": "list", "data": data, "model": model_name,
-                    "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
-        if precision != "float32":
-            response["precision"] = precision  # the extra field only appears when the extra option is used
-            response["dimensions"] = req.dimensions or codec.dim  # what a client needs to unpack the codes
-        return JSONResponse(response)
+        # JSON of 2048 float vectors takes about a second: render it off the event loop so other requests
+        # keep being accepted and batched meanwhile
+        content = await run_in_threadpool(_render, codec, vectors, tokens, req, precision, model_name)
+        return Response(content, media_type="application/json")
 
     return app
