@@ -138,6 +138,9 @@ def test_openai_client_parses_the_response(served, minilm):
     for result in (implicit, explicit):
         np.testing.assert_array_equal(np.asarray([d.embedding for d in result.data], dtype=np.float32), expected)
         assert result.usage.total_tokens == int(minilm.preprocess(TEXTS)["attention_mask"].sum())
+    short = api.embeddings.create(model="minilm", input=TEXTS, dimensions=64)
+    truncated = expected[:, :64] / np.linalg.norm(expected[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray([d.embedding for d in short.data]), truncated, rtol=0, atol=1e-7)
     assert [m.id for m in api.models.list().data] == ["minilm"]
     with pytest.raises(openai.BadRequestError, match="empty string"):
         api.embeddings.create(model="minilm", input="")
