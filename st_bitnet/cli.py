@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default=None, help="a prompt saved with the model, e.g. 'query'")
     p.set_defaults(func=cmd_encode)
 
+    from .serve.cli import add_subparser as add_serve_subparser  # FastAPI is imported only when `serve` runs
+
+    add_serve_subparser(sub)
+
     for name in _PLUGIN_MODULES:
         try:
             module = importlib.import_module(name)
