@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from st_bitnet.bitlinear import BitLinear, BitRMSNorm, pack_ternary, set_packed_linear_impl, ternary_linear_reference
+from st_bitnet.bitlinear import BitLinear, BitRMSNorm, pack_ternary, ternary_linear_reference
 from st_bitnet.ops import cpu_kernel, dispatch, register_kernels, set_kernel_mode
 from st_bitnet.ops.layouts import LAYOUTS, pack_tile16, to_layout, unpack_tile16
 
@@ -472,18 +472,30 @@ def test_packed_bitlinear_fused_norm_paths_match_reference(monkeypatch):
     assert torch.equal(half(xb), _reference_forward(half, xb))
 
 
-def test_register_kernels_is_idempotent_and_installs_hook():
-    import st_bitnet.bitlinear as bl
+def test_register_kernels_is_idempotent_and_installs_hook(monkeypatch):
+    register_kernels()
+    register_kernels()
+    assert BitLinear.packed_kernel is dispatch.packed_forward
+    layer = _packed_layer(k=64, n=8)
+    x = torch.randn(3, 64)
+    calls = []
 
-    register_kernels()
-    register_kernels()
-    assert bl._PACKED_LINEAR_IMPL is dispatch.packed_forward
-    set_packed_linear_impl(None)
+    def spy(module, inputs):
+        calls.append(module)
+        return dispatch.packed_forward(module, inputs)
+
+    spy.applies_rms_norm = True
+    monkeypatch.setattr(BitLinear, "packed_kernel", staticmethod(spy))
+    want = _reference_forward(layer, x)
+    calls.clear()
+    assert torch.equal(layer(x), want) and len(calls) == 1  # the installed path runs
+    BitLinear.set_packed_kernel(None)
+    assert torch.equal(layer(x), want) and len(calls) == 1  # reference, no kernel call
     try:
         import st_bitnet.ops as ops
 
-        ops._registered = False
+        monkeypatch.setattr(ops, "_registered", False)
         register_kernels()
-        assert bl._PACKED_LINEAR_IMPL is dispatch.packed_forward
+        assert BitLinear.packed_kernel is dispatch.packed_forward
     finally:
-        register_kernels()
+        BitLinear.set_packed_kernel(dispatch.packed_forward)

@@ -1,28 +1,28 @@
-"""Issue #8 item 4: Gemma3-270M end to end - teacher fine-tune, BitNet conversion, distillation, dev-protocol scores.
+"""Gemma3-270M end to end - teacher fine-tune, BitNet conversion, distillation, dev-protocol scores.
 
 One command per stage (fixed seed 42), all on the real Gemma3-270M weights (the packaged Q4_K_M GGUF, dequantized
 once to fp32 by ``st_bitnet.sentence_transformer.materialize_gguf`` and cached):
 
-    python recipes/gemma3/run_gemma3.py --stage base      # teacher.yaml's model block, untrained: saves <output>/base
-    python recipes/gemma3/run_gemma3.py --stage teacher   # teacher.yaml: GGUF -> embedder, fine-tune, save, evaluate
-    python recipes/gemma3/run_gemma3.py --stage naive     # convert the teacher (student.yaml's conversion), evaluate
-    python recipes/gemma3/run_gemma3.py --stage student   # student.yaml: convert + distill, pack, evaluate
-    python recipes/gemma3/run_gemma3.py --stage all       # the four in order
-    python recipes/gemma3/run_gemma3.py --table           # rebuild <output>/table.md from <output>/stages.jsonl
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage base      # teacher.yaml's model block, untrained: saves <output>/base
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage teacher   # teacher.yaml: GGUF -> embedder, fine-tune, save, evaluate
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage naive     # convert the teacher (student.yaml's conversion), evaluate
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage student   # student.yaml: convert + distill, pack, evaluate
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage all       # the four in order
+    python experiments/gemma3_end_to_end/run_gemma3.py --table           # rebuild <output>/table.md from <output>/stages.jsonl
 
-CPU-sized flags (defaults, see notes/quality.md "Gemma3-270M end to end (CPU-sized)"): ``--trainable-layers 4``
+CPU-sized flags (defaults, see README.md next to this file): ``--trainable-layers 4``
 (teacher: only the top 4 decoder layers and the final norm train, so the backward pass stops there),
 token embeddings frozen (262k x 640 = 168M of the 268M weights: a dense gradient + AdamW state per step for
 rows a few hundred tokens touch), ``--eval-max-samples 100``. The freezing flags become the recipes'
 ``model.freeze`` (``--set`` still wins). A GPU run changes flags only, e.g.::
 
-    python recipes/gemma3/run_gemma3.py --stage all --teacher-steps 2000 --student-steps 10000 \
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage all --teacher-steps 2000 --student-steps 10000 \
         --trainable-layers 0 --train-embeddings --eval-max-samples 0 --threads 16 \
         --set training.per_device_train_batch_size=128 --set training.bf16=true --output runs/gemma3_gpu
 
 The stage recipes are plain runner YAMLs: ``teacher.yaml`` builds the embedder from the GGUF itself
 (``model.gguf_file``, ``pooling: lasttoken``, ``prompts``) and freezes with ``model.freeze``, so
-``python -m st_bitnet.training recipes/gemma3/teacher.yaml`` runs it once the GGUF is assembled. This driver points
+``python -m st_bitnet.training experiments/gemma3_end_to_end/teacher.yaml`` runs it once the GGUF is assembled. This driver points
 the recipes at the packaged GGUF (or the tiny model), maps its flags to recipe overrides, trains with the runner's
 ``build_trainer`` and runs the dev-protocol evaluation of the in-memory model in the same process.
 
@@ -35,7 +35,6 @@ load average, commands), ``table.md``. ``--tiny`` runs everything on a tiny rand
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -44,8 +43,9 @@ from pathlib import Path
 
 import torch
 
+from st_bitnet.bitlinear import BitLinear
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 STAGES = ("base", "teacher", "naive", "student")
 EVAL_BITS = (16, 1)
 QUERY_PROMPT = "Instruct: Given a query, retrieve relevant passages\nQuery: "
@@ -53,24 +53,6 @@ MODEL_PROMPTS = {"query": QUERY_PROMPT, "document": ""}
 SHORT = {"STSBenchmark": "STS-B", "SICK-R": "SICK-R", "EmotionClassification": "Emotion",
          "AmazonCounterfactualClassification": "AmazonCF", "Banking77Classification": "Banking77",
          "SciFact": "SciFact nDCG@10"}  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Losses: everything the stage recipes name is in st_bitnet.losses; the ablation's extra components
-# (PairSimilarityDistillationLoss...) are registered from run_ablation.py only if a --set names one that has not
-# moved into st_bitnet.losses yet.
-# ---------------------------------------------------------------------------------------------------------------
-def ensure_losses(recipe) -> None:
-    import st_bitnet.losses as losses
-
-    names = {spec["type"] for spec in recipe.loss.values()}
-    if all(hasattr(losses, n) for n in names):
-        return
-    path = REPO / "recipes" / "quality" / "run_ablation.py"
-    spec = importlib.util.spec_from_file_location("quality_run_ablation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.register_losses()
 
 
 def load_stage_recipe(name: str, args, steps: int | None):
@@ -91,7 +73,6 @@ def load_stage_recipe(name: str, args, steps: int | None):
     if args.tiny:
         overrides += ["training.logging_steps=1"]
     recipe = load_recipe(HERE / f"{name}.yaml", overrides)
-    ensure_losses(recipe)
     return recipe, overrides
 
 
@@ -185,7 +166,7 @@ def evaluate(model, folder: Path, args, name: str) -> dict:
 
     model.max_seq_length = args.eval_max_seq_length
     model.eval()
-    if any(type(m).__name__ == "BitLinear" for m in model.modules()):
+    if any(isinstance(m, BitLinear) for m in model.modules()):
         st_bitnet.pack(model)  # same outputs as the latent model in fp32, the fast CPU kernel
     started = time.time()
     result = run_evaluation(
@@ -221,7 +202,7 @@ def run_stage(stage: str, args) -> dict:
         recipe, overrides = load_stage_recipe("teacher", args, args.teacher_steps or args.steps)
         model, info = train(recipe)
         model.save(str(output / "teacher" / "final"))
-        record.update(info, recipe="recipes/gemma3/teacher.yaml", overrides=overrides)
+        record.update(info, recipe="experiments/gemma3_end_to_end/teacher.yaml", overrides=overrides)
     elif stage == "naive":
         recipe, overrides = load_stage_recipe("student", args, None)
         model = load_st(output / "teacher" / "final")
@@ -236,8 +217,8 @@ def run_stage(stage: str, args) -> dict:
     elif stage == "student":
         recipe, overrides = load_stage_recipe("student", args, args.student_steps or args.steps)
         model, info = train(recipe)
-        record.update(info, recipe="recipes/gemma3/student.yaml", overrides=overrides)
-        record["bitlinear_modules"] = sum(type(m).__name__ == "BitLinear" for m in model.modules())
+        record.update(info, recipe="experiments/gemma3_end_to_end/student.yaml", overrides=overrides)
+        record["bitlinear_modules"] = sum(isinstance(m, BitLinear) for m in model.modules())
         if args.save_student:
             model.save(str(output / "student" / "final"))
     else:
@@ -250,7 +231,7 @@ def run_stage(stage: str, args) -> dict:
         torch_threads=torch.get_num_threads(),
         eval_max_samples=args.eval_max_samples,
         eval_max_seq_length=args.eval_max_seq_length,
-        command="python recipes/gemma3/run_gemma3.py " + " ".join(args.argv),
+        command="python experiments/gemma3_end_to_end/run_gemma3.py " + " ".join(args.argv),
     )
     with open(output / "stages.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

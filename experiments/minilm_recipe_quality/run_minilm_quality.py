@@ -1,7 +1,7 @@
 """Teacher / naive / trained on real dev data: all-MiniLM-L6-v2 converted to BitNet, trained with a recipe.
 
-    python recipes/run_minilm_quality.py                                  # stage-2 recipe, 150 steps
-    python recipes/run_minilm_quality.py --max-steps 300 --recipe recipes/stage2_distill_minilm.yaml
+    python experiments/minilm_recipe_quality/run_minilm_quality.py                                  # stage-2 recipe, 150 steps
+    python experiments/minilm_recipe_quality/run_minilm_quality.py --max-steps 300 --recipe recipes/stage2_distill_minilm.yaml
 
 Scores Spearman x 100 (cosine) on the STS-B and SICK dev splits (never trained on) for
   teacher: the full-precision model;  naive: converted to ternary weights / int8 activations, no training;

@@ -1,15 +1,15 @@
-"""Issue #8 ablation driver: teacher / naive conversion / plain distillation / cumulative BITEMBED rows.
+"""Quality ablation driver: teacher / naive conversion / plain distillation / cumulative BITEMBED rows.
 
 Every trained row gets the SAME budget (``--steps`` optimizer steps at batch 16, max_seq_length 48, seed 42):
 one-stage rows train ``--steps`` steps; two-stage rows train ``stage1_contrastive.yaml`` for half of them and
 their stage-2 recipe for the other half, on the same in-memory student. Each row is then scored with the
-evaluation engineer's dev protocol (``st_bitnet.evaluation.run_evaluation``) at 16-bit and 1-bit output.
+dev protocol (``st_bitnet.evaluation.run_evaluation``) at 16-bit and 1-bit output.
 
-    python recipes/quality/run_ablation.py --rows teacher naive                   # no training
-    python recipes/quality/run_ablation.py --rows plain_kd                        # one row
-    python recipes/quality/run_ablation.py --rows all --steps 160 --eval-max-samples 100
-    python recipes/quality/run_ablation.py --table                                # rebuild table.md only
-    python recipes/quality/run_ablation.py --check                                # parse recipes + leak check
+    python experiments/quality_ablation/run_ablation.py --rows teacher naive                   # no training
+    python experiments/quality_ablation/run_ablation.py --rows plain_kd                        # one row
+    python experiments/quality_ablation/run_ablation.py --rows all --steps 160 --eval-max-samples 100
+    python experiments/quality_ablation/run_ablation.py --table                                # rebuild table.md only
+    python experiments/quality_ablation/run_ablation.py --check                                # parse recipes + leak check
 
 Results: ``<output>/<row>/eval/results.json`` (the harness' JSON), ``<output>/rows.jsonl`` (one line per row:
 scores, minutes, steps, exact commands), ``<output>/table.md``.
@@ -28,15 +28,14 @@ components are in ``st_bitnet.losses`` too (known to the recipe loss registry):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
+
+from st_bitnet.bitlinear import BitLinear
 
 HERE = Path(__file__).resolve().parent
 EVAL_BITS = (16, 1)
@@ -72,15 +71,6 @@ ORDER = (*BASELINES, *ROWS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss components (now in st_bitnet.losses)
-# ---------------------------------------------------------------------------------------------------------------
-def register_losses() -> None:
-    """Kept for callers of the former run-time registration: the two components now live in ``st_bitnet.losses``
-    (and in the recipe loss registry), so this only checks they are importable."""
-    from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss, PairSimilarityDistillationLoss  # noqa: F401
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
 def stage_overrides(output: Path, row: str, index: int, steps: int, extra: list[str]) -> list[str]:
@@ -99,7 +89,7 @@ def calibrate_projection_norms(student, n_per_source: int = 16) -> int:
 
     norms, sums, hooks = {}, {}, []
     for name, module in student.named_modules():
-        if type(module).__name__ == "BitLinear" and getattr(module, "rms_norm", None) is not None:
+        if isinstance(module, BitLinear) and module.rms_norm is not None:
             norms[name] = module.rms_norm
 
             def hook(_, inputs, name=name):
@@ -160,7 +150,7 @@ def train_row(row: str, steps: int, output: Path):
     for index, ((name, extra), n) in enumerate(zip(stages, per_stage)):
         overrides = stage_overrides(output, row, index, n, extra)
         recipe = load_recipe(HERE / name, overrides)
-        commands.append(f"recipes/quality/{name} " + " ".join(f"--set {o}" for o in overrides))
+        commands.append(f"experiments/quality_ablation/{name} " + " ".join(f"--set {o}" for o in overrides))
         student, train_output = train_stage(recipe, student, calibrate_norms=row.endswith("_cal"))
         final_losses.append(round(float(train_output.training_loss), 4))
     return student, {"stage_steps": per_stage, "stage_recipes": commands, "train_loss": final_losses}
@@ -176,7 +166,7 @@ def evaluate(model, folder: Path, max_samples: int | None, name: str) -> dict:
 
     model.max_seq_length = EVAL_MAX_SEQ_LENGTH
     model.eval()
-    if any(type(m).__name__ == "BitLinear" for m in model.modules()):
+    if any(isinstance(m, BitLinear) for m in model.modules()):
         # Packed inference (ternary codes + the integer kernel): the same outputs as the latent model in fp32,
         # and about 3x faster to encode on CPU than the latent (fake-quantized) forward.
         st_bitnet.pack(model)
@@ -224,7 +214,7 @@ def run_row(row: str, args) -> dict:
         eval_max_samples=args.eval_max_samples,
         eval_max_seq_length=EVAL_MAX_SEQ_LENGTH,
         torch_threads=torch.get_num_threads(),
-        command=f"python recipes/quality/run_ablation.py --rows {row} --steps {args.steps} "
+        command=f"python experiments/quality_ablation/run_ablation.py --rows {row} --steps {args.steps} "
         f"--eval-max-samples {args.eval_max_samples} --output {args.output}",
     )
     with open(output / "rows.jsonl", "a", encoding="utf-8") as handle:
@@ -304,7 +294,7 @@ def check(output: Path) -> dict:
 
 
 def targets(output: Path) -> list[str]:
-    """Issue #8's targets for every trained row of ``<output>/rows.jsonl`` (dev protocol as run)."""
+    """The quality targets (16-bit average at the teacher's, SciFact at 98% of it...) for every trained row of ``<output>/rows.jsonl`` (dev protocol as run)."""
     latest = {}
     for line in (output / "rows.jsonl").read_text().splitlines():
         if line.strip():
@@ -340,12 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quality")
     parser.add_argument("--table", action="store_true", help="only rebuild <output>/table.md")
     parser.add_argument("--check", action="store_true", help="parse every recipe and check the loader for leaks")
-    parser.add_argument("--targets", action="store_true", help="print issue #8's target checks for <output>")
+    parser.add_argument("--targets", action="store_true", help="print the target checks for <output>")
     args = parser.parse_args(argv)
     args.eval_max_samples = args.eval_max_samples or None
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    register_losses()
     if args.targets:
         print("\n".join(targets(output)))
         return 0

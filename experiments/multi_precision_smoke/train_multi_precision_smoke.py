@@ -11,14 +11,15 @@ min/max ranges measured on the whole dev set for 8/4/2 bits, sign for 1 bit), an
 output is reported.
 
 Usage:
-    python benchmarks/train_multi_precision_smoke.py --max-steps 100 --batch-size 32 --max-seq-length 48 \
+    python experiments/multi_precision_smoke/train_multi_precision_smoke.py --max-steps 100 --batch-size 32 --max-seq-length 48 \
         --trainable-layers 3 --lr 2e-5 --quantizer-lr 1e-3 --precision-weights 1 1 1 1 2 --teacher-kd 1 \
-        --save-model /tmp/mp/mp_model3 --out benchmarks/results/multi_precision_smoke_run3.json
+        --save-model /tmp/mp/mp_model3 --out experiments/multi_precision_smoke/results/multi_precision_smoke_run3.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import json
 import platform
@@ -34,6 +35,9 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
 
 from st_bitnet import data
+
+# search_scifact.py (the search benchmark) holds the retrieval metrics these runs report
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from st_bitnet.teacher import FrozenTeacher
 from st_bitnet.losses import (
     MultiPrecisionLoss,
@@ -174,7 +178,7 @@ SCIFACT_MAX_SEQ_LENGTH: int | None = None  # None: no retrieval scoring
 def scifact_scores(model, quantizers: dict[str, object]) -> dict[str, dict[str, dict[int, float]]]:
     """nDCG@10 x100 on SciFact dev (the 200 held-out train queries against the full corpus) per quantizer and bit
     width, from one float encode; post-hoc ranges are measured on the corpus and query embeddings together."""
-    from search_scifact import metrics  # benchmarks/search_scifact.py: recall@10 / nDCG@10 as there
+    from search_scifact import metrics
 
     corpus, queries, qrels = data.scifact_dev()
     doc_ids, query_ids = list(corpus), list(queries)
@@ -268,7 +272,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--save-model", default=None, help="folder to save the multi-precision model to")
-    parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_run3.json")
+    parser.add_argument("--out", default="experiments/multi_precision_smoke/results/multi_precision_smoke_run3.json")
     args = parser.parse_args()
     global STS_LIMIT, SCIFACT_MAX_SEQ_LENGTH
     STS_LIMIT, SCIFACT_MAX_SEQ_LENGTH = args.sts_limit, args.scifact_max_seq_length
