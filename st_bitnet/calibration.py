@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .bitlinear import BitLinear
+from .introspection import backbones
 
 
 @torch.no_grad()
@@ -67,10 +68,7 @@ def calibrate_norms(model, sentences: list[str], batch_size: int | None = None) 
         module.rms_norm.weight.copy_(weight.to(module.rms_norm.weight.dtype))
         done.add(id(module))
 
-    from .sentence_transformer import transformers_models
-
-    backbones = transformers_models(model) if hasattr(model, "encode") else [model]
-    handles = [b.register_forward_pre_hook(capture_mask, with_kwargs=True) for b in backbones]
+    handles = [b.register_forward_pre_hook(capture_mask, with_kwargs=True) for b in backbones(model)]
     handles += [m.register_forward_pre_hook(calibrate) for m in layers]
     try:
         if hasattr(model, "encode"):

@@ -15,7 +15,7 @@ from st_bitnet import data  # noqa: E402
 import torch  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
-needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) not found")
 
 
 def test_recipes_folder_has_every_stage():

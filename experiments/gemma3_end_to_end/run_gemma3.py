@@ -45,6 +45,9 @@ import torch
 
 from st_bitnet.bitlinear import BitLinear
 
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
 HERE = Path(__file__).resolve().parent
 STAGES = ("base", "teacher", "naive", "student")
 EVAL_BITS = (16, 1)

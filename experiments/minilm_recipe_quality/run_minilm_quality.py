@@ -5,13 +5,14 @@
 
 Scores Spearman x 100 (cosine) on the STS-B and SICK dev splits (never trained on) for
   teacher: the full-precision model;  naive: converted to ternary weights / int8 activations, no training;
-  trained: converted, then trained by the recipe on train splits of ../shared/data;
+  trained: converted, then trained by the recipe on train splits of $ST_BITNET_DATA;
 and reports the share of the naive-conversion gap the recipe wins back. Writes <output>/quality.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import json
 import time
@@ -22,6 +23,9 @@ from sentence_transformers import SentenceTransformer
 import st_bitnet
 from st_bitnet.training.recipe import load_recipe
 from st_bitnet.training.runner import evaluate, resolve_model_path, run_recipe
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 EVAL_SETS = ["stsb", "sick"]
 

@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import json
 from pathlib import Path
@@ -28,6 +29,9 @@ from st_bitnet import data
 # search_scifact.py (the search benchmark) holds the retrieval metrics these runs report
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from st_bitnet.multi_precision import find_quantizer, posthoc_quantizer, similarity_at_bits
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 def pair_cosines(embeddings: np.ndarray, n: int) -> np.ndarray:

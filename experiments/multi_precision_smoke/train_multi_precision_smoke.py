@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import copy
 import json
@@ -34,7 +35,7 @@ from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
 
-from st_bitnet import data
+from st_bitnet import data, introspection
 
 # search_scifact.py (the search benchmark) holds the retrieval metrics these runs report
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -52,6 +53,9 @@ from st_bitnet.multi_precision import (
     posthoc_quantizer,
     similarity_at_bits,
 )
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 def minilm_path() -> str:
@@ -214,10 +218,10 @@ def freeze_backbone(model, trainable_layers: int) -> None:
     """Train only the top ``trainable_layers`` transformer layers (plus pooling and quantizer): a CPU-sized run."""
     if trainable_layers < 0:
         return
-    auto_model = model[0].auto_model
-    for parameter in auto_model.parameters():
+    backbone = introspection.backbone(model)
+    for parameter in backbone.parameters():
         parameter.requires_grad_(False)
-    layers = auto_model.encoder.layer
+    layers = introspection.transformer_layers(backbone)
     for layer in list(layers)[len(layers) - trainable_layers :]:
         for parameter in layer.parameters():
             parameter.requires_grad_(True)

@@ -28,6 +28,7 @@ components are in ``st_bitnet.losses`` too (known to the recipe loss registry):
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -36,6 +37,9 @@ from pathlib import Path
 import torch
 
 from st_bitnet.bitlinear import BitLinear
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 HERE = Path(__file__).resolve().parent
 EVAL_BITS = (16, 1)
