@@ -1,7 +1,6 @@
 """Routing packed BitLinear layers to ``st_bitnet::ternary_linear`` with a cached per-device layout.
 
-:func:`packed_linear` is what :func:`st_bitnet.bitlinear.set_packed_linear_impl` installs. At the first
-call on a device it converts the layer's on-disk weights once into the layout that device's kernel
+:func:`packed_linear` runs a packed layer through the op. At the first call on a device it converts the layer's on-disk weights once into the layout that device's kernel
 reads and keeps it in ``module._kernel_state`` (BitLinear drops that cache on ``.to()``; a changed
 weight tensor, e.g. after ``load_state_dict``, is detected too):
 
