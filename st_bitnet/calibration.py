@@ -4,7 +4,7 @@ A norm initialised to ones rescales every token to unit RMS, which changes the f
 backbone (BERT's biased projections and residual branches see inputs 5-20x smaller or larger than they were
 trained on). Fitting each norm's per-channel weight by least squares on a few real sentences (``w_c = E[x_c n_c] /
 E[n_c^2]`` with ``n = x / rms(x)``) makes ``norm(x) ~= x`` on typical tokens, so the converted model starts
-where the full-precision one was. Measured effect on all-MiniLM-L6-v2: docs/numerics.md.
+where the full-precision one was. Measured effect on all-MiniLM-L6-v2: the README's conversion table.
 """
 
 from __future__ import annotations
