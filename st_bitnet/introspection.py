@@ -9,7 +9,7 @@ taught in one place.
   transformers model, and those models.
 * :func:`inner_model` - the innermost transformers model (through task heads and st_bitnet's ``bitembed`` wrapper).
 * :func:`transformer_layers` - the ``nn.ModuleList`` of transformer blocks; :func:`in_transformer_block` - whether
-  a qualified module name lies inside one.
+  a qualified module name lies inside one (both from :data:`BLOCK_CONTAINERS`).
 * :func:`tokenizer`, :func:`pooling_mode`, :func:`is_decoder_config`.
 
 Example::
@@ -25,12 +25,10 @@ import re
 
 import torch.nn as nn
 
-# Numbered transformer blocks in qualified module names: Llama/Qwen/Gemma ``layers.N``, BERT ``layer.N``, GPT-2 style
-# ``h.N`` and generic ``blocks.N``.
-BLOCK_NAME_RE = re.compile(r"(^|\.)(layers|layer|h|blocks)\.\d+\.")
-# Where architectures keep their list of blocks, relative to the backbone.
-TRANSFORMER_LAYER_PATHS = ("layers", "encoder.layer", "encoder.layers", "language_model.layers", "transformer.h", "h",
-                           "decoder.layers")  # fmt: skip
+# The attribute names architectures keep their numbered transformer blocks under: Llama/Qwen/Gemma ``layers.N``,
+# BERT ``layer.N``, GPT-2 style ``h.N``, generic ``blocks.N``.
+BLOCK_CONTAINERS = ("layers", "layer", "h", "blocks")
+BLOCK_NAME_RE = re.compile(r"(^|\.)(" + "|".join(BLOCK_CONTAINERS) + r")\.\d+\.")
 # Config model types of decoder-only backbones (pooled at the last token), for configs that do not say it otherwise.
 DECODER_MODEL_TYPES = ("qwen3", "qwen2", "llama", "gemma3_text", "gemma2", "gemma", "mistral", "phi3")
 
@@ -117,24 +115,26 @@ def inner_model(model: nn.Module) -> nn.Module:
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
     """The ``nn.ModuleList`` of transformer blocks of a backbone (or of the one backbone of a SentenceTransformer).
 
-    Looks for :data:`TRANSFORMER_LAYER_PATHS` on the backbone and on its :func:`inner_model`.
+    It is the shallowest non-empty ``ModuleList`` held under one of :data:`BLOCK_CONTAINERS` (``layers``, ``layer``,
+    ``h``, ``blocks``): ``layers`` of Llama / Qwen / Gemma, ``encoder.layer`` of BERT, ``transformer.h`` of GPT-2,
+    ``model.layers`` of a causal-LM head or st_bitnet's ``bitembed`` wrapper.
 
     Raises:
-        LookupError: When none of those names holds a non-empty ``ModuleList``.
+        LookupError: When the model holds no such list.
     """
     found = backbones(model)
     root = found[0] if len(found) == 1 else unwrap(model)
-    for candidate in dict.fromkeys([root, inner_model(root)]):
-        for path in TRANSFORMER_LAYER_PATHS:
-            try:
-                layers = candidate.get_submodule(path)
-            except AttributeError:
-                continue
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                return layers
-    raise LookupError(
-        f"cannot find the transformer layer list of {type(root).__name__} (looked for {', '.join(TRANSFORMER_LAYER_PATHS)})"
-    )
+    candidates = [
+        (name.count("."), module)
+        for name, module in root.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and name.rsplit(".", 1)[-1] in BLOCK_CONTAINERS
+    ]
+    if not candidates:
+        raise LookupError(
+            f"cannot find the transformer layer list of {type(root).__name__} (a ModuleList named one of "
+            f"{', '.join(BLOCK_CONTAINERS)})"
+        )
+    return min(candidates, key=lambda candidate: candidate[0])[1]
 
 
 def in_transformer_block(name: str) -> bool:

@@ -44,6 +44,25 @@ def test_transformer_layers_of_encoders_decoders_and_wrappers(backbone_dirs, ber
     assert introspection.transformer_layers(causal) is causal.model.layers
     with pytest.raises(LookupError, match="layer list"):
         introspection.transformer_layers(nn.Sequential(nn.Linear(2, 2)))
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    assert introspection.transformer_layers(gpt2) is gpt2.h
+
+
+def test_transformer_layers_prefers_the_shallowest_block_list():
+    class Multimodal(nn.Module):  # a text stack next to a deeper vision tower, registered first
+        def __init__(self):
+            super().__init__()
+            self.config = object()
+            self.vision = nn.Module()
+            self.vision.encoder = nn.Module()
+            self.vision.encoder.layers = nn.ModuleList([nn.Linear(2, 2)] * 3)
+            self.layers = nn.ModuleList([nn.Linear(2, 2)] * 2)
+            self.empty = nn.ModuleList()
+
+    model = Multimodal()
+    assert introspection.transformer_layers(model) is model.layers
 
 
 def test_bitembed_wrapper_is_looked_through(backbone_dirs):

@@ -45,18 +45,16 @@ import torch
 
 from st_bitnet.bitlinear import BitLinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the shared dev-protocol helpers
+from dev_scores import append_record, chosen, evaluate_dev, latest_records, score_table  # noqa: E402
+
 # The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
 os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("base", "teacher", "naive", "student")
-EVAL_BITS = (16, 1)
 QUERY_PROMPT = "Instruct: Given a query, retrieve relevant passages\nQuery: "
 MODEL_PROMPTS = {"query": QUERY_PROMPT, "document": ""}
-SHORT = {"STSBenchmark": "STS-B", "SICK-R": "SICK-R", "EmotionClassification": "Emotion",
-         "AmazonCounterfactualClassification": "AmazonCF", "Banking77Classification": "Banking77",
-         "SciFact": "SciFact nDCG@10"}  # fmt: skip
-
 
 def load_stage_recipe(name: str, args, steps: int | None):
     from st_bitnet.training.recipe import load_recipe
@@ -163,25 +161,6 @@ def train(recipe):
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: the dev protocol (st_bitnet.evaluation.run_evaluation), students packed
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(model, folder: Path, args, name: str) -> dict:
-    import st_bitnet
-    from st_bitnet.evaluation import run_evaluation
-
-    model.max_seq_length = args.eval_max_seq_length
-    model.eval()
-    if any(isinstance(m, BitLinear) for m in model.modules()):
-        st_bitnet.pack(model)  # same outputs as the latent model in fp32, the fast CPU kernel
-    started = time.time()
-    result = run_evaluation(
-        model, folder, tasks=args.eval_tasks or None, bits=list(EVAL_BITS), max_samples=args.eval_max_samples,
-        batch_size=args.eval_batch_size, source="local", model_name=name, plots=False, show_progress_bar=False,
-    )  # fmt: skip
-    entry = result["model"]
-    return {"scores": {b: {t: s["main_score"] for t, s in per.items()} for b, per in entry["scores"].items()},
-            "average": entry["average"], "eval_minutes": round((time.time() - started) / 60, 2),
-            "eval_results": str(Path(folder) / "results.json")}  # fmt: skip
-
-
 def load_st(path: Path):
     from sentence_transformers import SentenceTransformer
 
@@ -228,7 +207,9 @@ def run_stage(stage: str, args) -> dict:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
     record["stage_minutes"] = round((time.time() - started) / 60, 2)
     if model is not None and not args.skip_eval:
-        record.update(evaluate(model, output / stage / "eval", args, f"gemma3-270m-{stage}"))
+        record.update(evaluate_dev(model, output / stage / "eval", f"gemma3-270m-{stage}", max_samples=args.eval_max_samples,
+                                   max_seq_length=args.eval_max_seq_length, batch_size=args.eval_batch_size,
+                                   tasks=args.eval_tasks or None))  # fmt: skip
     record.update(
         load_average_end=[round(x, 2) for x in os.getloadavg()],
         torch_threads=torch.get_num_threads(),
@@ -236,34 +217,17 @@ def run_stage(stage: str, args) -> dict:
         eval_max_seq_length=args.eval_max_seq_length,
         command="python experiments/gemma3_end_to_end/run_gemma3.py " + " ".join(args.argv),
     )
-    with open(output / "stages.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_record(output / "stages.jsonl", record)
     return record
 
 
 def write_table(output: Path) -> str:
     """Markdown table of the latest record per evaluated stage in <output>/stages.jsonl (+ student/teacher ratios)."""
-    path = output / "stages.jsonl"
-    if not path.exists():
-        return ""
-    latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[record["stage"]] = record
+    latest = latest_records(output / "stages.jsonl", "stage")
     rows = [latest[s] for s in ("teacher", "naive", "student") if s in latest and "scores" in latest[s]]
-    if not rows:
+    lines = score_table(rows, "model", "stage")
+    if not lines:
         return ""
-    tasks = list(rows[0]["scores"]["16"])
-    head = ["model", "bits", *(SHORT.get(t, t) for t in tasks), "avg", "steps", "train min", "eval min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for record in rows:
-        for bits in ("16", "1"):
-            scores = record["scores"].get(bits, {})
-            cells = [record["stage"], bits, *(f"{scores.get(t, float('nan')):.2f}" for t in tasks),
-                     f"{record['average'].get(bits, float('nan')):.2f}", str(record.get("steps", 0)),
-                     f"{record.get('train_seconds', 0) / 60:.1f}", f"{record['eval_minutes']:.1f}"]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
     teacher = latest.get("teacher")
     if teacher and "scores" in teacher:
         lines.append("")
@@ -302,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    stages = list(STAGES) if args.stage == ["all"] else args.stage
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"unknown stages {unknown}; known: {', '.join(STAGES)}")
-    for stage in stages:
+    for stage in chosen(parser, args.stage, STAGES, "stages"):
         record = run_stage(stage, args)
         summary = {k: record[k] for k in ("stage", "stage_minutes", "average", "eval_minutes", "loss_first", "loss_last",
                                           "seconds_per_step") if k in record}  # fmt: skip

@@ -32,7 +32,7 @@ EVAL_SETS = ["stsb", "sick"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(Path(__file__).with_name("stage2_distill_minilm.yaml")))
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[2] / "recipes" / "stage2_distill_minilm.yaml"))
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--output", default="runs/minilm_quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

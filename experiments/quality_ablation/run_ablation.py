@@ -28,8 +28,8 @@ components are in ``st_bitnet.losses`` too (known to the recipe loss registry):
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,11 +38,13 @@ import torch
 
 from st_bitnet.bitlinear import BitLinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the shared dev-protocol helpers
+from dev_scores import append_record, chosen, evaluate_dev, latest_records, score_table  # noqa: E402
+
 # The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
 os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 HERE = Path(__file__).resolve().parent
-EVAL_BITS = (16, 1)
 EVAL_MAX_SEQ_LENGTH = 128  # the same for teacher, naive and every student (SciFact passages are long)
 STAGE1 = "stage1_contrastive.yaml"
 
@@ -163,26 +165,6 @@ def train_row(row: str, steps: int, output: Path):
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(model, folder: Path, max_samples: int | None, name: str) -> dict:
-    from st_bitnet.evaluation import run_evaluation
-
-    import st_bitnet
-
-    model.max_seq_length = EVAL_MAX_SEQ_LENGTH
-    model.eval()
-    if any(isinstance(m, BitLinear) for m in model.modules()):
-        # Packed inference (ternary codes + the integer kernel): the same outputs as the latent model in fp32,
-        # and about 3x faster to encode on CPU than the latent (fake-quantized) forward.
-        st_bitnet.pack(model)
-    result = run_evaluation(
-        model, folder, bits=list(EVAL_BITS), max_samples=max_samples, batch_size=64, source="local",
-        model_name=name, plots=False, show_progress_bar=False,
-    )  # fmt: skip
-    entry = result["model"]
-    return {"scores": {b: {t: s["main_score"] for t, s in per.items()} for b, per in entry["scores"].items()},
-            "average": entry["average"], "quantization_ranges": entry.get("quantization_ranges")}  # fmt: skip
-
-
 def teacher_model():
     from sentence_transformers import SentenceTransformer
 
@@ -209,53 +191,29 @@ def run_row(row: str, args) -> dict:
         model, info = train_row(row, args.steps, output)
         record.update(info, steps=args.steps)
     train_minutes = (time.time() - started) / 60
-    started = time.time()
-    record.update(evaluate(model, output / row / "eval", args.eval_max_samples, row))
+    record.update(evaluate_dev(model, output / row / "eval", row, max_samples=args.eval_max_samples,
+                              max_seq_length=EVAL_MAX_SEQ_LENGTH, batch_size=64))
     record.update(
         description=ROWS[row][0] if row in ROWS else row,
         train_minutes=round(train_minutes, 2) if row in ROWS else 0.0,
-        eval_minutes=round((time.time() - started) / 60, 2),
         eval_max_samples=args.eval_max_samples,
         eval_max_seq_length=EVAL_MAX_SEQ_LENGTH,
         torch_threads=torch.get_num_threads(),
         command=f"python experiments/quality_ablation/run_ablation.py --rows {row} --steps {args.steps} "
         f"--eval-max-samples {args.eval_max_samples} --output {args.output}",
     )
-    with open(output / "rows.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_record(output / "rows.jsonl", record)
     return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Table
 # ---------------------------------------------------------------------------------------------------------------
-SHORT = {"STSBenchmark": "STS-B", "SICK-R": "SICK-R", "EmotionClassification": "Emotion",
-         "AmazonCounterfactualClassification": "AmazonCF", "Banking77Classification": "Banking77",
-         "SciFact": "SciFact nDCG@10"}  # fmt: skip
-
-
 def write_table(output: Path) -> str:
-    path = output / "rows.jsonl"
-    if not path.exists():
+    latest = latest_records(output / "rows.jsonl", "row")
+    lines = score_table([latest[r] for r in ORDER if r in latest], "row", "row")
+    if not lines:
         return ""
-    latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[record["row"]] = record  # a re-run row replaces the earlier one
-    rows = [latest[r] for r in ORDER if r in latest]
-    if not rows:
-        return ""
-    tasks = list(rows[0]["scores"]["16"])
-    head = ["row", "bits", *(SHORT.get(t, t) for t in tasks), "avg", "steps", "train min", "eval min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for record in rows:
-        for bits in ("16", "1"):
-            scores = record["scores"].get(bits, {})
-            cells = [record["row"], bits, *(f"{scores.get(t, float('nan')):.2f}" for t in tasks),
-                     f"{record['average'].get(bits, float('nan')):.2f}", str(record["steps"]),
-                     f"{record['train_minutes']:.1f}", f"{record['eval_minutes']:.1f}"]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (output / "table.md").write_text(table)
     return table
@@ -299,11 +257,7 @@ def check(output: Path) -> dict:
 
 def targets(output: Path) -> list[str]:
     """The quality targets (16-bit average at the teacher's, SciFact at 98% of it...) for every trained row of ``<output>/rows.jsonl`` (dev protocol as run)."""
-    latest = {}
-    for line in (output / "rows.jsonl").read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[record["row"]] = record
+    latest = latest_records(output / "rows.jsonl", "row")
     teacher, plain = latest["teacher"], latest.get("plain_kd")
     t16, t1 = teacher["average"]["16"], teacher["average"]["1"]
     t_scifact = teacher["scores"]["16"]["SciFact"]
@@ -345,10 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(json.dumps(check(output), indent=2))
         return 0
-    rows = list(ORDER) if args.rows == ["all"] else args.rows
-    unknown = [r for r in rows if r not in ORDER]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; known: {', '.join(ORDER)}")
+    rows = chosen(parser, args.rows, ORDER, "rows")
     for row in rows:
         record = run_row(row, args)
         print(json.dumps({k: record[k] for k in ("row", "average", "train_minutes", "eval_minutes")}), flush=True)
