@@ -143,20 +143,30 @@ def in_transformer_block(name: str) -> bool:
 
 
 def tokenizer(model: nn.Module):
-    """The tokenizer of a SentenceTransformer (the first module's that has a vocabulary).
+    """The tokenizer of a SentenceTransformer: its own ``tokenizer``, else the first module's tokenizer or processor
+    that has a vocabulary.
 
     Raises:
         ValueError: When the model has none.
     """
     model = unwrap(model)
+    candidates = [getattr(model, "tokenizer", None)]
     for module in model.modules():
-        candidate = getattr(module, "tokenizer", None)
+        candidates += [getattr(module, "tokenizer", None), getattr(module, "processor", None)]
+    for candidate in candidates:
         if candidate is not None and hasattr(candidate, "get_vocab"):
             return candidate
-    candidate = getattr(model, "tokenizer", None)
-    if candidate is None:
-        raise ValueError(f"found no tokenizer in this {type(model).__name__}")
-    return candidate
+    raise ValueError(f"found no tokenizer in this {type(model).__name__}")
+
+
+def conversion_record(model: nn.Module) -> dict | None:
+    """The BitNet conversion record (``config.st_bitnet``: settings, converted modules, packed flag) of the first
+    converted backbone of ``model``, or None for an unconverted model."""
+    for found in backbones(model):
+        record = getattr(getattr(found, "config", None), "st_bitnet", None)
+        if isinstance(record, dict):
+            return record
+    return None
 
 
 def pooling_mode(model: nn.Module) -> str | None:

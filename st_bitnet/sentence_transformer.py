@@ -19,7 +19,7 @@ import torch
 from .config import BitNetConversionConfig
 from .calibration import calibrate_norms
 from .convert import convert, pack
-from .introspection import backbones, is_decoder_config
+from .introspection import backbones, conversion_record, is_decoder_config
 
 DECODER_POOLING = "lasttoken"
 ENCODER_POOLING = "mean"
@@ -157,10 +157,7 @@ def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = Tru
         except ImportError:
             pass
         else:
-            record = next(
-                (m.config.st_bitnet for m in backbones(st_model) if getattr(m.config, "st_bitnet", None)), None
-            )
-            write_model_card(path, conversion=record, **card_kwargs)
+            write_model_card(path, conversion=conversion_record(st_model), **card_kwargs)
     return path
 
 

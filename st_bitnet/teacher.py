@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from . import introspection
 from .bitlinear import BitLinear
 
 # A probe that exercises casing, accents, digits, punctuation and sub-word splits.
@@ -28,11 +29,10 @@ class TokenizerMismatchError(ValueError):
 
 
 def _tokenizer_of(model):
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        first = model[0] if hasattr(model, "__getitem__") else None
-        tokenizer = getattr(first, "processor", None) or getattr(first, "tokenizer", None)
-    return tokenizer
+    try:
+        return introspection.tokenizer(model)
+    except ValueError:
+        return None
 
 
 def check_same_tokenizer(student, teacher) -> None:

@@ -121,3 +121,12 @@ def test_decoder_configs(backbone_dirs):
     assert introspection.is_decoder_config(AutoConfig.from_pretrained(backbone_dirs["qwen3"]))
     assert introspection.is_decoder_config(AutoConfig.from_pretrained(backbone_dirs["gemma3_text"]))
     assert not introspection.is_decoder_config(AutoConfig.from_pretrained(backbone_dirs["bert"]))
+
+
+def test_conversion_record_of_converted_and_plain_models(backbone_dirs, bert_st):
+    assert introspection.conversion_record(bert_st) is None  # not converted
+    converted = build_sentence_transformer(str(backbone_dirs["bert"]), st_bitnet.BitNetConversionConfig(norm="none"))
+    record = introspection.conversion_record(converted)
+    assert record["norm"] == "none" and record["converted_modules"] and not record.get("packed")
+    st_bitnet.pack(converted)
+    assert introspection.conversion_record(converted)["packed"] is True

@@ -68,14 +68,6 @@ def _decoder_stack(model: Any):
     return stack
 
 
-def _record(model: Any) -> dict:
-    for module in model.modules():
-        record = getattr(getattr(module, "config", None), "st_bitnet", None)
-        if isinstance(record, dict):
-            return record
-    return {}
-
-
 def _rope_theta(config) -> float | None:
     theta = getattr(config, "rope_theta", None)
     parameters = getattr(config, "rope_parameters", None)
@@ -223,7 +215,7 @@ def export_gguf(model: Any, output: str | os.PathLike, *, name: str | None = Non
             f"export_gguf supports {sorted(SUPPORTED_ARCHITECTURES)} backbones (bitnet.cpp's embedding graphs); "
             f"got model_type={getattr(config, 'model_type', None)!r}"
         )
-    record = _record(model)
+    record = introspection.conversion_record(model) or {}
     if record and record.get("norm") not in (None, "per_projection"):
         raise ValueError(f"export_gguf needs per-projection norms; this model was converted with norm={record.get('norm')!r}")
     pooling = introspection.pooling_mode(model)
