@@ -499,3 +499,30 @@ def test_register_kernels_is_idempotent_and_installs_hook(monkeypatch):
         assert BitLinear.packed_kernel is dispatch.packed_forward
     finally:
         BitLinear.set_packed_kernel(dispatch.packed_forward)
+
+
+def test_kernel_switches_are_read_from_ops_modes(monkeypatch):
+    from st_bitnet.ops import modes
+
+    monkeypatch.setenv("ST_BITNET_GPU_WEIGHTS", "2bit")
+    assert modes.gpu_weight_mode() == "2bit"
+    monkeypatch.setenv("ST_BITNET_GPU_WEIGHTS", "fp8")
+    with pytest.raises(ValueError, match="ST_BITNET_GPU_WEIGHTS"):
+        modes.gpu_weight_mode()
+    monkeypatch.setenv("ST_BITNET_CPU_ISA", "scalar")
+    assert modes.cpu_isa() == "scalar"
+    monkeypatch.delenv("ST_BITNET_CPU_ISA")
+    assert modes.cpu_isa() == "native"
+    with pytest.raises(ValueError, match="kernel mode"):
+        modes.set_kernel_mode("fast")
+    # the CPU kernel obeys the same switch: in reference mode it never asks for the C library
+    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: pytest.fail("library used in reference mode"))
+    layer = _packed_layer(k=64, n=8)
+    x = torch.randn(2, 64)
+    modes.set_kernel_mode("reference")
+    try:
+        assert modes.kernel_mode() == "reference" and not modes.kernels_enabled()
+        torch.ops.st_bitnet.ternary_linear(x, layer.weight, layer.weight_scale, layer.bias, 8, "packed2")
+        layer(x)
+    finally:
+        modes.set_kernel_mode(None)
