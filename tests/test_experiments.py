@@ -23,7 +23,7 @@ def _load_driver(path: Path):
     return module
 
 
-def test_every_experiment_has_a_driver_a_readme_and_results():
+def test_every_experiment_has_a_driver_and_a_readme():
     folders = sorted(p for p in EXPERIMENTS.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     assert folders
     for folder in folders:
