@@ -32,6 +32,7 @@ from sentence_transformers import SentenceTransformer
 
 from st_bitnet import data
 from st_bitnet.multi_precision import (
+    BITS,
     MultiPrecisionIndex,
     MultiPrecisionQuantizer,
     bytes_per_vector,
@@ -153,7 +154,7 @@ def main() -> None:
     record("float32 exhaustive", float_search, bytes_per_vector(dim, 32))
 
     # Exhaustive code-space search at every precision.
-    for bits in (16, 8, 4, 2, 1):
+    for bits in BITS:
         docs, qs = codes[bits]
         record(f"{bits}-bit exhaustive (code space)", lambda d=docs, q=qs: exhaustive(q, d, args.top_k), bytes_per_vector(dim, bits))
 

@@ -12,6 +12,7 @@ from .config import BitNetConversionConfig
 from .convert import convert, pack
 from .hf_integration import register as _register_with_transformers
 from .sentence_transformer import build_sentence_transformer, load, save_pretrained
+from .version import __version__
 
 _register_with_transformers()
 
@@ -21,7 +22,6 @@ from .ops import register_kernels as _register_kernels
 
 _register_kernels()
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BitLinear",

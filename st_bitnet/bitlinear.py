@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -170,21 +171,6 @@ def ternary_linear_reference(
     return y.to(x.dtype)
 
 
-# Kernels (st_bitnet.ops) register here when st_bitnet is imported; a model loaded through
-# trust_remote_code without st_bitnet uses the reference path.
-_PACKED_LINEAR_IMPL = None
-
-
-def set_packed_linear_impl(fn) -> None:
-    """Install ``fn(module, x) -> Tensor`` as the inference path of packed BitLinear layers (None: reference).
-
-    ``x`` is the RMS-normalized input, unless ``fn.applies_rms_norm`` is true: then ``fn`` receives the
-    raw input and applies ``module.rms_norm`` itself (kernels that fuse the norm into their quantization).
-    """
-    global _PACKED_LINEAR_IMPL
-    _PACKED_LINEAR_IMPL = fn
-
-
 def packed_linear_reference(module: "BitLinear", x: torch.Tensor) -> torch.Tensor:
     """Reference forward of a packed BitLinear (unpacks on every call; kernels cache their layout)."""
     w_q = module.unpacked_weight()
@@ -232,7 +218,26 @@ class BitLinear(nn.Module):
         use_rms_norm: put an RMSNorm on the input, before the activation quantization.
         rms_norm_eps: its epsilon.
         packed: build the layer in the packed state (for loading packed checkpoints).
+
+    The packed forward runs :attr:`packed_kernel` when one is installed (``import st_bitnet`` installs the
+    st_bitnet.ops kernels with :meth:`set_packed_kernel`), else the integer-exact reference: a copy of this file
+    loaded through ``trust_remote_code`` without st_bitnet runs the reference.
     """
+
+    packed_kernel: ClassVar[Callable[["BitLinear", torch.Tensor], torch.Tensor] | None] = None
+
+    @classmethod
+    def set_packed_kernel(cls, fn: Callable[["BitLinear", torch.Tensor], torch.Tensor] | None) -> None:
+        """Install ``fn(module, x) -> Tensor`` as the inference path of packed layers of this class (None: reference).
+
+        ``x`` is the RMS-normalized input, unless ``fn.applies_rms_norm`` is true: then ``fn`` receives the
+        raw input and applies ``module.rms_norm`` itself (kernels that fuse the norm into their quantization).
+
+        Example::
+
+            BitLinear.set_packed_kernel(None)   # every packed layer runs the reference until kernels are set again
+        """
+        cls.packed_kernel = None if fn is None else staticmethod(fn)
 
     def __init__(
         self,
@@ -323,7 +328,7 @@ class BitLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"BitLinear expected last dimension {self.in_features}, got input of shape {tuple(x.shape)}")
         if self.is_packed:
-            impl = _PACKED_LINEAR_IMPL
+            impl = self.packed_kernel
             if impl is not None and getattr(impl, "applies_rms_norm", False):
                 return impl(self, x)  # the kernel fuses the norm into its activation quantization
             if self.rms_norm is not None:

@@ -164,13 +164,13 @@ def cmd_convert_demo(args) -> int:
     print("\ncosine similarities, BitNet W1.58A8 (converted, untrained: train with `st-bitnet train`):\n", bit @ bit.T)
     dim = bit.shape[1]
     rows = []
-    try:
-        from .multi_precision import embed_at_bits
-    except ImportError:
-        embed_at_bits = None
-    for bits in (32, 16, 8, 4, 2, 1):
-        row = {"bits": bits, "bytes_per_vector": dim * bits // 8, "index_MiB_for_1M": round(dim * bits / 8 * 1e6 / 2**20, 1)}
-        if embed_at_bits is not None and bits < 32:
+    from .multi_precision import embed_at_bits
+    from .multi_precision.precision import BITS, FLOAT32_BITS, bytes_per_vector
+
+    for bits in (FLOAT32_BITS, *BITS):
+        size = bytes_per_vector(dim, bits)
+        row = {"bits": bits, "bytes_per_vector": size, "index_MiB_for_1M": round(size * 1e6 / 2**20, 1)}
+        if bits != FLOAT32_BITS:
             # post-hoc ranges calibrated on these 4 sentences only: read the ranking, not the raw cosines
             q = embed_at_bits(student, DEMO_SENTENCES, bits)
             q = q / np.linalg.norm(q, axis=1, keepdims=True)

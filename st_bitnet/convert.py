@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Callable
 
 import torch.nn as nn
@@ -11,16 +10,15 @@ import torch.nn as nn
 from .bitlinear import BitLinear, projection_gets_norm
 from .config import BitNetConversionConfig
 from .hf_integration import stock_quantization_config
+from .introspection import in_transformer_block, is_sentence_transformer, transformer_modules
 
-# Linear layers inside numbered transformer blocks: Llama/Qwen/Gemma ``layers.N``, BERT ``layer.N``,
-# GPT-2 style ``h.N`` and generic ``blocks.N``. Embeddings, heads and poolers stay full precision.
-_BLOCK_RE = re.compile(r"(^|\.)(layers|layer|h|blocks)\.\d+\.")
 FilterFn = Callable[[nn.Module, str], bool]
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Convert every ``nn.Linear`` inside a numbered transformer block."""
-    return isinstance(module, nn.Linear) and not isinstance(module, BitLinear) and bool(_BLOCK_RE.search(name))
+    """Convert every ``nn.Linear`` inside a numbered transformer block (embeddings, heads and poolers stay full
+    precision)."""
+    return isinstance(module, nn.Linear) and not isinstance(module, BitLinear) and in_transformer_block(name)
 
 
 def _backbone_eps(config) -> float:
@@ -29,24 +27,6 @@ def _backbone_eps(config) -> float:
         if isinstance(value, float) and value > 0:
             return value
     return 1e-6
-
-
-def find_transformer_modules(st_model) -> list:
-    """The sentence-transformers modules that hold a transformers model."""
-    found = []
-    for module in st_model.modules():
-        inner = getattr(module, "model", None)
-        if inner is not None and hasattr(inner, "config") and hasattr(module, "processor"):
-            found.append(module)
-    return found
-
-
-def _is_sentence_transformer(obj) -> bool:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, SentenceTransformer)
 
 
 def _load(path: str, **kwargs):
@@ -97,8 +77,8 @@ def convert(
     elif load_kwargs:
         raise TypeError(f"load arguments {sorted(load_kwargs)} only apply when converting from a path")
 
-    if _is_sentence_transformer(model_or_path):
-        modules = find_transformer_modules(model_or_path)
+    if is_sentence_transformer(model_or_path):
+        modules = transformer_modules(model_or_path)
         if not modules:
             raise ValueError("this SentenceTransformer has no transformers-based module to convert")
         for module in modules:

@@ -1,6 +1,7 @@
 """The one place that locates the offline data folder and defines train / dev splits.
 
-The offline data (``../shared/data`` next to the repository, see its README) holds train and dev splits of
+The offline data folder (``$ST_BITNET_DATA``, default ``~/.cache/st_bitnet/data``; see :func:`data_root`) holds
+train and dev splits of
 STS-B, SICK, SNLI, MSRP, TrecQA, SciFact (BEIR layout), Banking77, Emotion and AmazonCounterfactual. Test
 splits are deliberately absent. Two sets have no dev split, so this module carves fixed held-out slices
 out of their train splits, and **training code must exclude them** to keep the dev protocol leak-free:
@@ -10,7 +11,7 @@ out of their train splits, and **training code must exclude them** to keep the d
   the corpus (the corpus is the retrieval index), but the dev *queries* must never be trained on.
 
 Every split here is deterministic: it depends only on the file contents and :data:`SPLIT_SEED`, never on
-global random state, so the training and evaluation engineers compute the same slices.
+global random state, so training and evaluation compute the same slices.
 
 Example::
 
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_ENV_VAR = "ST_BITNET_DATA"
+DEFAULT_DATA_DIR = Path("~/.cache/st_bitnet/data")
 SPLIT_SEED = 20240607
 BANKING77_HELDOUT_FRACTION = 0.2
 SCIFACT_DEV_QUERIES = 200
@@ -45,7 +47,8 @@ RETRIEVAL_SETS = ("scifact",)
 def data_root(required: bool = True) -> Path | None:
     """Locate the offline data folder.
 
-    Looks at the environment variable ``ST_BITNET_DATA`` first, then at ``<repo>/../shared/data``.
+    The folder is the environment variable ``ST_BITNET_DATA`` when it is set, else :data:`DEFAULT_DATA_DIR`
+    (``~/.cache/st_bitnet/data``).
 
     Args:
         required: if True (default) raise when the folder cannot be found; otherwise return None.
@@ -56,22 +59,17 @@ def data_root(required: bool = True) -> Path | None:
     Raises:
         FileNotFoundError: if ``required`` and neither location is a folder.
     """
-    candidates = []
     env_value = os.environ.get(DATA_ENV_VAR)
-    if env_value:
-        candidates.append(Path(env_value).expanduser())
-    repo_root = Path(__file__).resolve().parent.parent
-    candidates.append(repo_root.parent / "shared" / "data")
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
+    candidate = Path(env_value or DEFAULT_DATA_DIR).expanduser()
+    if candidate.is_dir():
+        return candidate.resolve()
     if not required:
         return None
+    source = f"${DATA_ENV_VAR}" if env_value else f"the default (${DATA_ENV_VAR} is not set)"
     raise FileNotFoundError(
-        "st_bitnet offline data folder not found; looked at "
-        + ", ".join(str(c) for c in candidates)
-        + f". Set the environment variable {DATA_ENV_VAR} to the folder holding sts/, classification/, "
-        "retrieval/ and pairs/ (see the shared data README), or load the tasks from the Hub by name."
+        f"st_bitnet offline data folder not found at {candidate} ({source}). Set the environment variable "
+        f"{DATA_ENV_VAR} to the folder holding sts/, classification/, retrieval/ and pairs/, or load the tasks "
+        "from the Hub by name."
     )
 
 

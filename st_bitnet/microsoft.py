@@ -20,7 +20,8 @@ from safetensors import safe_open
 
 from .bitlinear import BitLinear
 from .config import BitNetConversionConfig
-from .convert import convert, find_transformer_modules, pack
+from .convert import convert, pack
+from .introspection import transformer_modules
 from .modeling_bitembed import BitEmbedModel
 
 _PROJ_NORM_RE = re.compile(r"^(?:model\.)?(.*\.(?:q|k|v|o|gate|up|down)_proj)\.norm\.weight$")
@@ -123,7 +124,7 @@ def load_microsoft_sentence_transformer(folder: str | Path, *, device: str | Non
     folder = Path(folder)
     if (folder / "modules.json").exists():
         st_model = SentenceTransformer(str(folder), device=device, **st_kwargs)
-        find_transformer_modules(st_model)[0].model = load_microsoft_model(folder)
+        transformer_modules(st_model)[0].model = load_microsoft_model(folder)
         return st_model.to(st_model.device)
     transformer = Transformer(str(folder))
     transformer.model = load_microsoft_model(folder)

@@ -30,7 +30,6 @@ TEMPLATE_NAME = "bitembed.md.j2"
 PLOT_ASSET = "assets/precision_tradeoff.png"
 BASE_TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "bitnet", "ternary", "1.58-bit",
              "st_bitnet", "bitembed"]
-PRECISIONS = (32, 16, 8, 4, 2, 1)
 
 
 def template_path() -> Path:
@@ -134,13 +133,16 @@ def _conversion_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
 def _storage_rows(dimension: int | None) -> list[dict[str, str]]:
     if not dimension:
         return []
+    from .multi_precision.precision import BITS, FLOAT32_BITS, bytes_per_vector
+
+    reference = bytes_per_vector(dimension, FLOAT32_BITS)
     rows = []
-    for bits in PRECISIONS:
-        size = dimension * bits / 8
+    for bits in (FLOAT32_BITS, *BITS):
+        size = bytes_per_vector(dimension, bits)
         rows.append({
-            "label": "float32" if bits == 32 else f"{bits}-bit",
-            "bytes": f"{size:g}",
-            "ratio": "1x" if bits == 32 else f"{32 // bits}x smaller",
+            "label": "float32" if bits == FLOAT32_BITS else f"{bits}-bit",
+            "bytes": str(size),
+            "ratio": "1x" if bits == FLOAT32_BITS else f"{reference / size:.3g}x smaller",
         })
     return rows
 
@@ -224,10 +226,9 @@ def write_model_card(
         front["tags"].append("custom_code")
 
     model_ref = repo_id or str(model_dir.resolve())
-    try:
-        from st_bitnet import __version__ as st_bitnet_version
-    except ImportError:  # pragma: no cover
-        st_bitnet_version = None
+    from .multi_precision.precision import bytes_per_vector
+    from .version import __version__ as st_bitnet_version
+
     dimension = facts["dimension"]
     if dimension is None and results:
         dimension = results["model"].get("embedding_dim")
@@ -260,7 +261,7 @@ def write_model_card(
         "conversion_rows": _conversion_rows(record) or [("(not recorded)", "")],
         "recipe_text": recipe_text,
         "storage_rows": _storage_rows(dimension),
-        "one_bit_bytes": f"{dimension / 8:g}" if dimension else "dim/8",
+        "one_bit_bytes": str(bytes_per_vector(dimension, 1)) if dimension else "ceil(dim/8)",
         "quantizer_description": quantizer_description,
         "eval_table": eval_table,
         "eval_intro": eval_intro,

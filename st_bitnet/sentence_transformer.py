@@ -17,22 +17,12 @@ from pathlib import Path
 import torch
 
 from .config import BitNetConversionConfig
-from .convert import convert, find_transformer_modules, pack
+from .calibration import calibrate_norms
+from .convert import convert, pack
+from .introspection import backbones, conversion_record, is_decoder_config
 
 DECODER_POOLING = "lasttoken"
 ENCODER_POOLING = "mean"
-
-
-def is_decoder_config(config) -> bool:
-    """Decoder-style backbones (Qwen, Llama, Gemma...) pool the last token; encoders (BERT...) pool the mean."""
-    if getattr(config, "is_decoder", False):
-        return True
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs:
-        return True
-    return hasattr(config, "rope_theta") or hasattr(config, "rope_parameters") or getattr(config, "model_type", "") in (
-        "qwen3", "qwen2", "llama", "gemma3_text", "gemma2", "gemma", "mistral", "phi3",
-    )
 
 
 def _ensure_eos_appended(tokenizer) -> None:
@@ -146,15 +136,8 @@ def build_sentence_transformer(
     if convert_model:
         convert(st_model, config)
         if calibration_sentences and (config is None or config.norm != "none"):
-            from .calibration import calibrate_norms
-
             calibrate_norms(st_model, calibration_sentences)
     return st_model
-
-
-def transformers_models(st_model) -> list:
-    """The transformers models inside a SentenceTransformer."""
-    return [module.model for module in find_transformer_modules(st_model)]
 
 
 def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = True, **card_kwargs) -> Path:
@@ -164,7 +147,7 @@ def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = Tru
     README.md describing the conversion is written (st_bitnet.model_card, when available).
     """
     path = Path(path)
-    if not transformers_models(st_model):
+    if not backbones(st_model):
         raise ValueError("save_pretrained expects a SentenceTransformer with a transformers module")
     pack(st_model)
     st_model.save(str(path))
@@ -174,10 +157,7 @@ def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = Tru
         except ImportError:
             pass
         else:
-            record = next(
-                (m.config.st_bitnet for m in transformers_models(st_model) if getattr(m.config, "st_bitnet", None)), None
-            )
-            write_model_card(path, conversion=record, **card_kwargs)
+            write_model_card(path, conversion=conversion_record(st_model), **card_kwargs)
     return path
 
 

@@ -17,6 +17,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from . import introspection
+from .bitlinear import BitLinear
+
 # A probe that exercises casing, accents, digits, punctuation and sub-word splits.
 _TOKENIZER_PROBE = "Ternary weights: 1.58 bits! Héllo, naïve café; query: what's BitNet? 42 tokenizers."
 
@@ -26,11 +29,10 @@ class TokenizerMismatchError(ValueError):
 
 
 def _tokenizer_of(model):
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        first = model[0] if hasattr(model, "__getitem__") else None
-        tokenizer = getattr(first, "processor", None) or getattr(first, "tokenizer", None)
-    return tokenizer
+    try:
+        return introspection.tokenizer(model)
+    except ValueError:
+        return None
 
 
 def check_same_tokenizer(student, teacher) -> None:
@@ -90,7 +92,7 @@ class FrozenTeacher:
             model = SentenceTransformer(str(model), device=str(device) if device is not None else None)
         if not hasattr(model, "forward"):
             raise TypeError(f"the teacher must be a SentenceTransformer or a path, got {type(model).__name__}")
-        if any(type(m).__name__ == "BitLinear" for m in model.modules()):
+        if any(isinstance(m, BitLinear) for m in model.modules()):
             raise ValueError("the teacher is a converted BitNet model: distill from the full-precision backbone")
         if device is not None:
             model.to(device)

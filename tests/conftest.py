@@ -12,6 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The offline data next to the checkout (the package itself only reads $ST_BITNET_DATA or its default).
+os.environ.setdefault("ST_BITNET_DATA", str(REPO.parent / "shared" / "data"))
 WORDS = (
     "the a cat dog sat on mat bitnet ternary weights embeddings are cheap to store and run fast slow model "
     "text query document search paris france capital city of is what which river flows through london"
@@ -121,5 +123,5 @@ def run_python(code: str, *, hide_st_bitnet: bool = False, timeout: int = 300) -
 
 
 def data_root() -> Path | None:
-    root = Path(os.environ.get("ST_BITNET_DATA", REPO.parent / "shared" / "data"))
+    root = Path(os.environ["ST_BITNET_DATA"])
     return root if root.exists() else None

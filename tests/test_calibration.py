@@ -36,3 +36,6 @@ def test_calibration_errors(backbone_dirs):
     plain = build_sentence_transformer(str(backbone_dirs["qwen3"]), st_bitnet.BitNetConversionConfig(norm="none"))
     with pytest.raises(ValueError, match="no BitLinear with a norm"):
         calibrate_norms(plain, SENTENCES)
+    converted_backbone = build_sentence_transformer(str(backbone_dirs["qwen3"]))[0].model
+    with pytest.raises(TypeError, match="expects a SentenceTransformer"):
+        calibrate_norms(converted_backbone, SENTENCES)  # a bare transformers model has no encode()

@@ -10,7 +10,7 @@ import pytest
 from st_bitnet import data
 
 needs_data = pytest.mark.skipif(
-    not data.has_data(), reason="offline data folder (../shared/data or $ST_BITNET_DATA) is absent"
+    not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) is absent"
 )
 
 
@@ -19,9 +19,19 @@ def test_data_root_env_var_wins(tmp_path, monkeypatch):
     assert data.data_root() == tmp_path.resolve()
 
 
+def test_data_root_default_is_the_documented_folder_not_the_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.data_root(required=False) is None  # ../shared/data next to the checkout is not looked at
+    default = tmp_path / ".cache" / "st_bitnet" / "data"
+    with pytest.raises(FileNotFoundError, match=str(default)):
+        data.data_root()
+    default.mkdir(parents=True)
+    assert data.data_root() == default.resolve()
+
+
 def test_data_root_missing_raises_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "nowhere"))
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "pkg" / "st_bitnet" / "data.py"))
     with pytest.raises(FileNotFoundError, match=data.DATA_ENV_VAR):
         data.data_root()
     assert data.data_root(required=False) is None

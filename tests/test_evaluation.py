@@ -180,7 +180,7 @@ def test_unknown_local_task_and_bad_bits_raise():
         evaluate_precisions(CountingModel(), [], bits=[3])
 
 
-needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) is absent")
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) is absent")
 
 
 @needs_data

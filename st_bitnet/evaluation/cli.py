@@ -43,6 +43,7 @@ def _run_export_gguf(args: argparse.Namespace) -> int:
 
 def add_subparser(subparsers) -> None:
     """Register ``eval`` and ``export-gguf`` on an ``argparse`` subparsers object (``set_defaults(func=...)``)."""
+    from ..data import DEFAULT_DATA_DIR
     from .tasks import DEV_TASK_NAMES
 
     evaluate = subparsers.add_parser(
@@ -50,8 +51,8 @@ def add_subparser(subparsers) -> None:
         help="Evaluate a model at each output precision (mteb tasks; local dev protocol offline).",
         description=(
             "Evaluate MODEL (folder or Hub id) on mteb tasks at each output precision and write results.json, "
-            "results.md, tradeoff.png and sensitivity.png. Offline, the dev protocol reads ../shared/data "
-            f"(or $ST_BITNET_DATA): {', '.join(DEV_TASK_NAMES)}."
+            "results.md, tradeoff.png and sensitivity.png. Offline, the dev protocol reads $ST_BITNET_DATA "
+            f"(default {DEFAULT_DATA_DIR}): {', '.join(DEV_TASK_NAMES)}."
         ),
     )
     evaluate.add_argument("model", help="model folder or Hub id")

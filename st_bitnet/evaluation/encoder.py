@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-# Storage of the float reference (the teacher's or the student's unquantized output): float32.
-FULL_PRECISION_BITS = 32
+# The float reference (the teacher's or the student's unquantized output) is float32.
+from ..multi_precision.precision import FLOAT32_BITS as FULL_PRECISION_BITS
 
 
 class EmbeddingCache:

@@ -78,9 +78,12 @@ def plot_tradeoff(result: dict[str, Any], path: str | os.PathLike, title: str | 
     if dimension:
         from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
+        from ..multi_precision.precision import bytes_per_vector
+
+        # the axis maps bits to payload bits / 8 (monotone, as matplotlib needs); the labels are the stored bytes
         top = ax.secondary_xaxis("top", functions=(lambda b: b * dimension / 8, lambda n: n * 8 / dimension))
         top.xaxis.set_major_locator(FixedLocator([b * dimension / 8 for b in all_bits]))
-        top.xaxis.set_major_formatter(FixedFormatter([f"{b * dimension / 8:g}" for b in all_bits]))
+        top.xaxis.set_major_formatter(FixedFormatter([str(bytes_per_vector(dimension, b)) for b in all_bits]))
         top.xaxis.set_minor_locator(NullLocator())
         top.tick_params(labelsize=8)
         top.set_xlabel(f"bytes per vector ({dimension} dims)")

@@ -15,29 +15,20 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..multi_precision.precision import BITS, bytes_per_vector
 from .encoder import FULL_PRECISION_BITS, EmbeddingCache, PrecisionEncoder, calibration_quantizer
 from .tasks import PreparedTask
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BITS: tuple[int, ...] = (16, 8, 4, 2, 1)
 # A few secondary metrics kept in the JSON next to the main score (all x100).
 SECONDARY_METRICS = ("cosine_pearson", "f1", "recall_at_10", "ndcg_at_10", "accuracy", "cosine_spearman")
 
 
-def default_bits() -> tuple[int, ...]:
-    """``st_bitnet.multi_precision.BITS`` when available, else (16, 8, 4, 2, 1)."""
-    try:
-        from st_bitnet.multi_precision import BITS
-
-        return tuple(int(b) for b in BITS)
-    except ImportError:
-        return DEFAULT_BITS
-
-
-def storage_bytes_per_vector(dimension: int, bits: int) -> float:
-    """Bytes to store one ``dimension``-d vector at ``bits`` per dimension (payload only, no per-vector header)."""
-    return dimension * bits / 8
+def storage_bytes_per_vector(dimension: int, bits: int) -> int:
+    """Bytes to store one ``dimension``-d vector at ``bits`` per dimension, as stored
+    (:func:`st_bitnet.multi_precision.precision.bytes_per_vector`)."""
+    return bytes_per_vector(dimension, bits)
 
 
 def _task_scores(prepared: PreparedTask, encoder: PrecisionEncoder, batch_size: int) -> dict[str, Any]:
@@ -59,7 +50,7 @@ def _task_scores(prepared: PreparedTask, encoder: PrecisionEncoder, batch_size: 
 def evaluate_model_precisions(
     model: Any,
     tasks: Sequence[PreparedTask],
-    bits: Sequence[int] = DEFAULT_BITS,
+    bits: Sequence[int] = BITS,
     *,
     name: str = "model",
     batch_size: int = 32,
@@ -131,10 +122,10 @@ def evaluate_precisions(
         A JSON-able dict: ``{"protocol", "bits", "tasks": [...], "model": {...}, "teacher": {...} | None, ...}``,
         each model entry as from :func:`evaluate_model_precisions`.
     """
-    bits = tuple(int(b) for b in (bits or default_bits()))
+    bits = tuple(int(b) for b in (bits or BITS))
     for b in bits:
-        if b not in (1, 2, 4, 8, 16, FULL_PRECISION_BITS):
-            raise ValueError(f"Unsupported precision {b} bits; use 16, 8, 4, 2, 1 (or 32 for float).")
+        if b not in (*BITS, FULL_PRECISION_BITS):
+            raise ValueError(f"Unsupported precision {b} bits; use one of {BITS} (or {FULL_PRECISION_BITS} for float).")
     result: dict[str, Any] = {
         "protocol": "st_bitnet-dev-v1" if all(t.source == "local" for t in tasks) else "mteb",
         "bits": list(bits),

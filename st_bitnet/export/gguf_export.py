@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import introspection
 from .i2s import LLAMA_FTYPE_MOSTLY_I2_S, gguf_knows_i2_s, pack_i2_s
 
 logger = logging.getLogger(__name__)
@@ -56,43 +57,15 @@ def _load(model: Any):
     return model
 
 
-def _backbone(model: Any):
-    """The transformers decoder stack (the module holding ``embed_tokens`` and ``layers``) and its config."""
-    for module in model.modules():
-        if hasattr(module, "embed_tokens") and hasattr(module, "layers") and hasattr(module, "config"):
-            return module
-    raise ValueError("export_gguf found no decoder stack (a module with embed_tokens and layers) in the model")
-
-
-def _record(model: Any) -> dict:
-    for module in model.modules():
-        record = getattr(getattr(module, "config", None), "st_bitnet", None)
-        if isinstance(record, dict):
-            return record
-    return {}
-
-
-def _pooling_mode(model: Any) -> str | None:
-    for module in model.modules():
-        if type(module).__name__ == "Pooling":
-            mode = getattr(module, "pooling_mode", None)
-            if isinstance(mode, str):
-                return mode
-            get = getattr(module, "get_pooling_mode_str", None)
-            if callable(get):
-                return get()
-    return None
-
-
-def _tokenizer(model: Any):
-    for module in model.modules():
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is not None and hasattr(tokenizer, "get_vocab"):
-            return tokenizer
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("export_gguf needs the model's tokenizer (none found on the SentenceTransformer)")
-    return tokenizer
+def _decoder_stack(model: Any):
+    """The transformers decoder stack (the module holding ``embed_tokens`` and ``layers``)."""
+    try:
+        stack = introspection.inner_model(introspection.backbone(model))
+    except ValueError as err:
+        raise ValueError(f"export_gguf needs a SentenceTransformer with one transformers backbone: {err}") from None
+    if not (hasattr(stack, "embed_tokens") and hasattr(stack, "layers")):
+        raise ValueError(f"export_gguf found no decoder stack (embed_tokens and layers) in {type(stack).__name__}")
+    return stack
 
 
 def _rope_theta(config) -> float | None:
@@ -234,7 +207,7 @@ def export_gguf(model: Any, output: str | os.PathLike, *, name: str | None = Non
     import gguf
 
     model = _load(model)
-    backbone = _backbone(model)
+    backbone = _decoder_stack(model)
     config = backbone.config
     arch = SUPPORTED_ARCHITECTURES.get(getattr(config, "model_type", ""))
     if arch is None:
@@ -242,16 +215,16 @@ def export_gguf(model: Any, output: str | os.PathLike, *, name: str | None = Non
             f"export_gguf supports {sorted(SUPPORTED_ARCHITECTURES)} backbones (bitnet.cpp's embedding graphs); "
             f"got model_type={getattr(config, 'model_type', None)!r}"
         )
-    record = _record(model)
+    record = introspection.conversion_record(model) or {}
     if record and record.get("norm") not in (None, "per_projection"):
         raise ValueError(f"export_gguf needs per-projection norms; this model was converted with norm={record.get('norm')!r}")
-    pooling = _pooling_mode(model)
+    pooling = introspection.pooling_mode(model)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with gguf_knows_i2_s() as i2_s_type, torch.no_grad():
         writer = gguf.GGUFWriter(str(output), arch)
         _write_hparams(writer, config, arch, record, pooling, name or output.stem)
-        _write_vocab(writer, _tokenizer(model), config, arch, last_token_pooling=pooling in ("lasttoken", "last"))
+        _write_vocab(writer, introspection.tokenizer(model), config, arch, last_token_pooling=pooling in ("lasttoken", "last"))
         for tensor_name, value, kind in _projection_tensors(backbone, record):
             if kind == "i2_s":
                 ternary, scale = value

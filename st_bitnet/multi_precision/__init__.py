@@ -17,10 +17,9 @@ from .pooling import QuantizationAwarePooling
 from .model import MultiPrecisionSentenceTransformer
 from .packing import pack_codes, packed_width, unpack_codes
 from .precision import BITS, PRECISION_BITS, PRECISION_NAMES, ST_PRECISIONS, resolve_bits
-from .quantized_embeddings import QuantizedEmbeddings
+from .quantized_embeddings import QuantizedEmbeddings, hamming_distance, similarity
 from .quantizer import MultiPrecisionQuantizer
 from .search import MultiPrecisionIndex, semantic_search_multi_precision
-from .similarity import hamming_distance, similarity
 from .storage import bytes_per_vector, format_storage_report, storage_report
 
 __all__ = [

@@ -1,6 +1,6 @@
 """``st-bitnet`` subcommands of the multi-precision outputs: ``mp-encode`` and ``storage-report``.
 
-The lead's ``st_bitnet/cli.py`` registers them with ``add_subparser(subparsers)``.
+The main ``st_bitnet/cli.py`` registers them with ``add_subparser(subparsers)``.
 """
 
 from __future__ import annotations

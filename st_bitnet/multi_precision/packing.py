@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .precision import LOW_BITS
+from .precision import LOW_BITS, bytes_per_vector
 
 
 def _check_bits(bits: int) -> None:
@@ -26,7 +26,7 @@ def _check_bits(bits: int) -> None:
 def packed_width(dim: int, bits: int) -> int:
     """Bytes per vector of ``dim`` codes of ``bits`` bits each (the last byte zero-padded)."""
     _check_bits(bits)
-    return (dim * bits + 7) // 8
+    return bytes_per_vector(dim, bits)
 
 
 def codes_from_normalized(z: np.ndarray, bits: int) -> np.ndarray:

@@ -14,10 +14,14 @@ name (aliases)                 bits  stored as
 ``"1bit"``                     1     ``np.uint8``, eight signs per byte (``np.packbits`` order, same as ``ubinary``)
 =============================  ====  ==========================================================
 
-The integers ``16, 8, 4, 2, 1`` are accepted wherever a name is.
+The integers ``16, 8, 4, 2, 1`` are accepted wherever a name is. :func:`bytes_per_vector` is the storage of one
+vector at each width: codes carry no per-vector scale (the quantizer's ranges are per dimension and stored once
+with the model), so a vector is its packed bits rounded up to whole bytes.
 """
 
 from __future__ import annotations
+
+import operator
 
 BITS: tuple[int, ...] = (16, 8, 4, 2, 1)
 """Every bit width a multi-precision output serves, widest first."""
@@ -40,6 +44,36 @@ PRECISION_BITS: dict[str, int] = {
 
 PRECISION_NAMES: dict[int, str] = {16: "16bit", 8: "8bit", 4: "4bit", 2: "2bit", 1: "1bit"}
 """The canonical name of each bit width."""
+
+FLOAT32_BITS = 32
+"""The unquantized float output, the reference every storage ratio is taken against."""
+
+
+def bytes_per_vector(dim: int, bits: int | str) -> int:
+    """Bytes one ``dim``-dimensional vector takes at ``bits`` per dimension, as stored.
+
+    float32 (``32`` / ``"float32"``) is ``4 * dim``, 16 bits ``2 * dim`` (float16 values); 8/4/2/1-bit codes are
+    packed ``8 // bits`` per byte with the last byte zero-padded: ``ceil(dim * bits / 8)``. No per-vector scale is
+    stored (ranges are per dimension, held by the model's quantizer).
+
+    Raises:
+        ValueError: For a non-positive ``dim`` or an unknown precision.
+
+    Example::
+
+        bytes_per_vector(384, 1)   # 48
+        bytes_per_vector(37, 1)    # 5 (37 bits, padded to whole bytes)
+    """
+    try:
+        dim = operator.index(dim)  # ints and numpy integers
+    except TypeError:
+        raise ValueError(f"dim must be a positive int, got {dim!r}.") from None
+    if dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}.")
+    if bits == FLOAT32_BITS or bits == "float32":
+        return 4 * dim
+    bits = resolve_bits(bits)
+    return -(-dim * bits // 8)
 
 
 def resolve_bits(precision: str | int) -> int:

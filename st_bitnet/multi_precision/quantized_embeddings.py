@@ -10,6 +10,7 @@ import numpy as np
 
 from .packing import centered_codes, dequantize_codes, pack_codes, packed_width, reduce_codes, unpack_codes
 from .precision import PRECISION_NAMES, resolve_bits
+from .similarity import code_similarity, hamming_matrix
 
 FORMAT_NAME = "st_bitnet.quantized_embeddings"
 FORMAT_VERSION = 1
@@ -140,9 +141,7 @@ class QuantizedEmbeddings:
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     def similarity(self, other: QuantizedEmbeddings, metric: str = "cosine") -> np.ndarray:
-        """``(len(self), len(other))`` code-space scores; see :func:`st_bitnet.multi_precision.similarity.similarity`."""
-        from .similarity import similarity
-
+        """``(len(self), len(other))`` code-space scores; see :func:`similarity`."""
         return similarity(self, other, metric=metric)
 
     # ---- persistence ---------------------------------------------------------------------------------------------
@@ -180,3 +179,43 @@ def as_quantized(value, name: str = "embeddings") -> QuantizedEmbeddings:
         f".load), got {kind}. Raw packed bytes do not say their bit width: wrap them with "
         f"QuantizedEmbeddings(codes, bits=..., dim=...)."
     )
+
+
+def _check_compatible(a: QuantizedEmbeddings, b: QuantizedEmbeddings) -> None:
+    if a.bits != b.bits:
+        raise ValueError(
+            f"Cannot compare {a.precision} with {b.precision} embeddings: mixed precisions in one search. "
+            f"Encode both sides at one precision, or reduce the wider nested codes with .to_bits({min(a.bits, b.bits)})."
+        )
+    if a.dim != b.dim:
+        raise ValueError(f"Dimension mismatch: {a.dim} vs {b.dim}.")
+
+
+def hamming_distance(a: QuantizedEmbeddings, b: QuantizedEmbeddings) -> np.ndarray:
+    """``(len(a), len(b))`` Hamming distances (``np.int32``) between 1-bit codes, by XOR + popcount."""
+    a, b = as_quantized(a, "a"), as_quantized(b, "b")
+    _check_compatible(a, b)
+    if a.bits != 1:
+        raise ValueError(f"Hamming distance is defined for 1-bit codes, got {a.precision}.")
+    return hamming_matrix(a.codes, b.codes)
+
+
+def similarity(a: QuantizedEmbeddings, b: QuantizedEmbeddings, metric: str = "cosine") -> np.ndarray:
+    """``(len(a), len(b))`` float64 scores computed on the codes (the cosine or dot of the dequantized vectors).
+
+    Args:
+        a: Query-side embeddings.
+        b: Corpus-side embeddings, same precision and dimension as ``a``.
+        metric: ``"cosine"`` (default) or ``"dot"`` (dot of the dequantized vectors).
+
+    Raises:
+        TypeError: If either side is not :class:`QuantizedEmbeddings`.
+        ValueError: On mixed precisions, mismatched dimensions or an unknown metric.
+
+    Example::
+
+        scores = similarity(encode(model, queries, precision="1bit"), encode(model, docs, precision="1bit"))
+    """
+    a, b = as_quantized(a, "a"), as_quantized(b, "b")
+    _check_compatible(a, b)
+    return code_similarity(a.codes, b.codes, a.bits, a.dim, metric)

@@ -11,8 +11,7 @@ import numpy as np
 
 from .packing import centered_codes
 from .precision import PRECISION_NAMES, resolve_bits
-from .quantized_embeddings import QuantizedEmbeddings, as_quantized
-from .similarity import similarity
+from .quantized_embeddings import QuantizedEmbeddings, as_quantized, similarity
 
 Backend = Literal["faiss", "usearch", "numpy"]
 BACKENDS = ("faiss", "usearch", "numpy")

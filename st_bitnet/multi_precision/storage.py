@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-from .packing import packed_width
-from .precision import BITS, PRECISION_NAMES, resolve_bits
+from .precision import BITS, FLOAT32_BITS, PRECISION_NAMES, bytes_per_vector, resolve_bits
 
-
-def bytes_per_vector(dim: int, bits: int | str) -> int:
-    """Bytes one ``dim``-dimensional vector takes at ``bits`` (float32 = 4 * dim; packed codes pad the last byte)."""
-    if dim <= 0:
-        raise ValueError(f"dim must be positive, got {dim}.")
-    if bits == 32 or bits == "float32":
-        return 4 * dim
-    bits = resolve_bits(bits)
-    return 2 * dim if bits == 16 else packed_width(dim, bits)
+__all__ = ["bytes_per_vector", "format_storage_report", "storage_report"]
 
 
 def storage_report(dim: int, n_vectors: int, rescore_bits: int | None = 8) -> list[dict]:
@@ -30,7 +21,7 @@ def storage_report(dim: int, n_vectors: int, rescore_bits: int | None = 8) -> li
     """
     if n_vectors < 0:
         raise ValueError(f"n_vectors must be >= 0, got {n_vectors}.")
-    float_bytes = bytes_per_vector(dim, 32)
+    float_bytes = bytes_per_vector(dim, FLOAT32_BITS)
     rows = []
 
     def row(name: str, per_vector: int) -> dict:

@@ -4,6 +4,7 @@
 * :mod:`.cpu_kernel`: C kernel (AVX-512 VNNI / AVX2 / NEON dotprod / scalar, OpenMP), built with the
   system compiler at first use and cached; falls back to the reference with one warning.
 * :mod:`.cuda_kernel`: Triton kernels, imported at the first call on a CUDA tensor (never at import).
+* :mod:`.modes`: the switches (``ST_BITNET_KERNEL``, ``ST_BITNET_GPU_WEIGHTS``, ``ST_BITNET_CPU_ISA``).
 * :mod:`.dispatch`: the packed-BitLinear forward (per-device weight layout cached on the module; on
   CPU the layer's RMSNorm is fused into the kernel).
 
@@ -23,7 +24,8 @@ Example::
 from __future__ import annotations
 
 from . import cpu_kernel, cuda_kernel
-from .dispatch import kernel_mode, packed_forward, packed_linear, set_kernel_mode
+from .dispatch import packed_forward, packed_linear
+from .modes import kernel_mode, set_kernel_mode
 from .layouts import LAYOUTS, decode_weight, pack_tile16, to_layout, unpack_tile16
 from .ternary_linear import ternary_linear
 
@@ -36,11 +38,11 @@ def register_kernels() -> None:
     global _registered
     if _registered:
         return
-    from ..bitlinear import set_packed_linear_impl
+    from ..bitlinear import BitLinear
 
     cpu_kernel.register()
     cuda_kernel.register()
-    set_packed_linear_impl(packed_forward)
+    BitLinear.set_packed_kernel(packed_forward)
     _registered = True
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .layouts import decode_weight, has_invalid_codes, pack_tile16
+from .modes import cpu_isa, kernels_enabled
 from .ternary_linear import check_inputs, reference_impl, ternary_linear
 from .weight_cache import WeightCache
 
@@ -159,7 +160,7 @@ def load_library(variant: str | None = None):
     The first failure warns once and is remembered, so callers fall back to the reference quietly.
     """
     global _warned
-    variant = variant or os.environ.get("ST_BITNET_CPU_ISA", "native")
+    variant = variant or cpu_isa()
     lib = _libs.get(variant)
     if lib is None:
         with _lock:
@@ -307,8 +308,6 @@ def tile16_weight(weight: torch.Tensor, layout: str, out_features: int, in_featu
 def ternary_linear_cpu(x, weight, weight_scale, bias, out_features, layout):
     """CPU implementation registered on the op: the C kernel, or the reference when unavailable."""
     check_inputs(x, weight, weight_scale, bias, out_features, layout)
-    from .dispatch import kernels_enabled  # local: dispatch imports this module
-
     lib = load_library() if kernels_enabled() else None
     if lib is None:
         return reference_impl(x, weight, weight_scale, bias, out_features, layout)

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from .modes import kernels_enabled
 from .ternary_linear import check_inputs, reference_impl, ternary_linear
 
 _lock = threading.Lock()
@@ -46,8 +47,6 @@ def _load():
 
 def ternary_linear_cuda(x, weight, weight_scale, bias, out_features, layout):
     check_inputs(x, weight, weight_scale, bias, out_features, layout)
-    from .dispatch import kernels_enabled
-
     impl = _load() if kernels_enabled() and layout in ("int8", "packed2") else None
     if impl is None:
         return reference_impl(x, weight, weight_scale, bias, out_features, layout)

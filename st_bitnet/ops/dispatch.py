@@ -1,7 +1,6 @@
 """Routing packed BitLinear layers to ``st_bitnet::ternary_linear`` with a cached per-device layout.
 
-:func:`packed_linear` is what :func:`st_bitnet.bitlinear.set_packed_linear_impl` installs. At the first
-call on a device it converts the layer's on-disk weights once into the layout that device's kernel
+:func:`packed_linear` runs a packed layer through the op. At the first call on a device it converts the layer's on-disk weights once into the layout that device's kernel
 reads and keeps it in ``module._kernel_state`` (BitLinear drops that cache on ``.to()``; a changed
 weight tensor, e.g. after ``load_state_dict``, is detected too):
 
@@ -16,64 +15,20 @@ fused into the kernel's quantization pass, bit-identical to ``BitRMSNorm`` + the
 (CUDA, other dtypes, ``torch.compile``, inputs that need gradients) it runs the norm in PyTorch and
 then :func:`packed_linear` (the op).
 
-Switches: ``ST_BITNET_KERNEL=reference`` (environment) or :func:`set_kernel_mode` forces the
-pure-PyTorch reference everywhere (same numbers, slower).
+Switches (``ST_BITNET_KERNEL``, ``ST_BITNET_GPU_WEIGHTS``, :func:`set_kernel_mode`): :mod:`st_bitnet.ops.modes`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import cpu_kernel
-
 from ..bitlinear import packed_linear_reference, unpack_ternary
+from . import cpu_kernel
 from .layouts import pack_tile16
+from .modes import gpu_weight_mode, kernels_enabled
 
-KERNEL_MODES = ("auto", "reference")
-GPU_WEIGHT_MODES = ("auto", "int8", "2bit")
 # CUDA: at or above this many tokens, use int8-resident weights (tensor-core bound); below, 2-bit.
 GPU_INT8_MIN_TOKENS = 64
-
-_mode: str | None = None
-_env_cache: tuple[str | None, str] | None = None  # (raw $ST_BITNET_KERNEL, parsed mode)
-
-
-def _env_mode() -> str:
-    global _env_cache
-    raw = os.environ.get("ST_BITNET_KERNEL")
-    if _env_cache is not None and _env_cache[0] == raw:  # read on every forward: parse only on change
-        return _env_cache[1]
-    mode = (raw or "auto").strip().lower() or "auto"
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"ST_BITNET_KERNEL must be one of {KERNEL_MODES}, got {mode!r}")
-    _env_cache = (raw, mode)
-    return mode
-
-
-def set_kernel_mode(mode: str | None) -> None:
-    """``"auto"``: device kernels where usable; ``"reference"``: always the pure-PyTorch reference;
-    ``None``: back to ``$ST_BITNET_KERNEL`` (default ``auto``)."""
-    global _mode
-    if mode is not None and mode not in KERNEL_MODES:
-        raise ValueError(f"kernel mode must be one of {KERNEL_MODES} or None, got {mode!r}")
-    _mode = mode
-
-
-def kernel_mode() -> str:
-    return _mode or _env_mode()
-
-
-def kernels_enabled() -> bool:
-    return kernel_mode() == "auto"
-
-
-def gpu_weight_mode() -> str:
-    mode = os.environ.get("ST_BITNET_GPU_WEIGHTS", "auto").strip().lower() or "auto"
-    if mode not in GPU_WEIGHT_MODES:
-        raise ValueError(f"ST_BITNET_GPU_WEIGHTS must be one of {GPU_WEIGHT_MODES}, got {mode!r}")
-    return mode
 
 
 def _weight_key(module) -> tuple:

@@ -157,7 +157,7 @@ def apply_freeze(model, freeze: dict | None) -> tuple[int, int]:
     quantizer...) keeps training. The trainer's optimizer then holds only the trainable parameters, so frozen
     weights get neither updates nor weight decay. Returns (trainable, total) parameter counts.
     """
-    from st_bitnet.sentence_transformer import transformers_models
+    from st_bitnet.introspection import backbones as transformers_models
 
     if not freeze:
         return count_parameters(model)

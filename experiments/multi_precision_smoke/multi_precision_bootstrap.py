@@ -7,13 +7,15 @@ Spearman(post-hoc quantization) on the same float embeddings, i.e. post-hoc drop
 measured on the documents and queries, as in train_multi_precision_smoke.py).
 
 Usage:
-    python benchmarks/multi_precision_bootstrap.py MODEL [MODEL ...] --scifact-max-seq-length 128 \
-        --out benchmarks/results/multi_precision_smoke_bootstrap.json
+    python experiments/multi_precision_smoke/multi_precision_bootstrap.py MODEL [MODEL ...] --scifact-max-seq-length 128 \
+        --out experiments/multi_precision_smoke/results/multi_precision_smoke_bootstrap.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import json
 from pathlib import Path
 
@@ -23,7 +25,13 @@ from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer
 
 from st_bitnet import data
+
+# search_scifact.py (the search benchmark) holds the retrieval metrics these runs report
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from st_bitnet.multi_precision import find_quantizer, posthoc_quantizer, similarity_at_bits
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 def pair_cosines(embeddings: np.ndarray, n: int) -> np.ndarray:
@@ -55,7 +63,7 @@ def paired_interval(trained: np.ndarray, posthoc: np.ndarray, resamples: int = 1
 
 def scifact_advantages(model, max_seq_length: int, bits_list=(2, 1)) -> dict[int, tuple[float, float, float]]:
     """SciFact-dev nDCG@10 advantage of the trained quantizer over post-hoc at each width, from one encode."""
-    from search_scifact import per_query_metrics  # benchmarks/search_scifact.py
+    from search_scifact import per_query_metrics
 
     corpus, queries, qrels = data.scifact_dev()
     doc_ids, query_ids = list(corpus), list(queries)
@@ -79,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="folders saved by train_multi_precision_smoke.py --save-model")
     parser.add_argument("--scifact-max-seq-length", type=int, default=None, help="also bootstrap SciFact-dev nDCG@10")
-    parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_bootstrap.json")
+    parser.add_argument("--out", default="experiments/multi_precision_smoke/results/multi_precision_smoke_bootstrap.json")
     args = parser.parse_args()
     results = {}
 

@@ -11,14 +11,16 @@ min/max ranges measured on the whole dev set for 8/4/2 bits, sign for 1 bit), an
 output is reported.
 
 Usage:
-    python benchmarks/train_multi_precision_smoke.py --max-steps 100 --batch-size 32 --max-seq-length 48 \
+    python experiments/multi_precision_smoke/train_multi_precision_smoke.py --max-steps 100 --batch-size 32 --max-seq-length 48 \
         --trainable-layers 3 --lr 2e-5 --quantizer-lr 1e-3 --precision-weights 1 1 1 1 2 --teacher-kd 1 \
-        --save-model /tmp/mp/mp_model3 --out benchmarks/results/multi_precision_smoke_run3.json
+        --save-model /tmp/mp/mp_model3 --out experiments/multi_precision_smoke/results/multi_precision_smoke_run3.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import copy
 import json
 import platform
@@ -33,7 +35,10 @@ from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
 
-from st_bitnet import data
+from st_bitnet import data, introspection
+
+# search_scifact.py (the search benchmark) holds the retrieval metrics these runs report
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from st_bitnet.teacher import FrozenTeacher
 from st_bitnet.losses import (
     MultiPrecisionLoss,
@@ -48,6 +53,9 @@ from st_bitnet.multi_precision import (
     posthoc_quantizer,
     similarity_at_bits,
 )
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 def minilm_path() -> str:
@@ -174,7 +182,7 @@ SCIFACT_MAX_SEQ_LENGTH: int | None = None  # None: no retrieval scoring
 def scifact_scores(model, quantizers: dict[str, object]) -> dict[str, dict[str, dict[int, float]]]:
     """nDCG@10 x100 on SciFact dev (the 200 held-out train queries against the full corpus) per quantizer and bit
     width, from one float encode; post-hoc ranges are measured on the corpus and query embeddings together."""
-    from search_scifact import metrics  # benchmarks/search_scifact.py: recall@10 / nDCG@10 as there
+    from search_scifact import metrics
 
     corpus, queries, qrels = data.scifact_dev()
     doc_ids, query_ids = list(corpus), list(queries)
@@ -210,10 +218,10 @@ def freeze_backbone(model, trainable_layers: int) -> None:
     """Train only the top ``trainable_layers`` transformer layers (plus pooling and quantizer): a CPU-sized run."""
     if trainable_layers < 0:
         return
-    auto_model = model[0].auto_model
-    for parameter in auto_model.parameters():
+    backbone = introspection.backbone(model)
+    for parameter in backbone.parameters():
         parameter.requires_grad_(False)
-    layers = auto_model.encoder.layer
+    layers = introspection.transformer_layers(backbone)
     for layer in list(layers)[len(layers) - trainable_layers :]:
         for parameter in layer.parameters():
             parameter.requires_grad_(True)
@@ -268,7 +276,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--save-model", default=None, help="folder to save the multi-precision model to")
-    parser.add_argument("--out", default="benchmarks/results/multi_precision_smoke_run3.json")
+    parser.add_argument("--out", default="experiments/multi_precision_smoke/results/multi_precision_smoke_run3.json")
     args = parser.parse_args()
     global STS_LIMIT, SCIFACT_MAX_SEQ_LENGTH
     STS_LIMIT, SCIFACT_MAX_SEQ_LENGTH = args.sts_limit, args.scifact_max_seq_length

@@ -1,28 +1,28 @@
-"""Issue #8 item 4: Gemma3-270M end to end - teacher fine-tune, BitNet conversion, distillation, dev-protocol scores.
+"""Gemma3-270M end to end - teacher fine-tune, BitNet conversion, distillation, dev-protocol scores.
 
 One command per stage (fixed seed 42), all on the real Gemma3-270M weights (the packaged Q4_K_M GGUF, dequantized
 once to fp32 by ``st_bitnet.sentence_transformer.materialize_gguf`` and cached):
 
-    python recipes/gemma3/run_gemma3.py --stage base      # teacher.yaml's model block, untrained: saves <output>/base
-    python recipes/gemma3/run_gemma3.py --stage teacher   # teacher.yaml: GGUF -> embedder, fine-tune, save, evaluate
-    python recipes/gemma3/run_gemma3.py --stage naive     # convert the teacher (student.yaml's conversion), evaluate
-    python recipes/gemma3/run_gemma3.py --stage student   # student.yaml: convert + distill, pack, evaluate
-    python recipes/gemma3/run_gemma3.py --stage all       # the four in order
-    python recipes/gemma3/run_gemma3.py --table           # rebuild <output>/table.md from <output>/stages.jsonl
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage base      # teacher.yaml's model block, untrained: saves <output>/base
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage teacher   # teacher.yaml: GGUF -> embedder, fine-tune, save, evaluate
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage naive     # convert the teacher (student.yaml's conversion), evaluate
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage student   # student.yaml: convert + distill, pack, evaluate
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage all       # the four in order
+    python experiments/gemma3_end_to_end/run_gemma3.py --table           # rebuild <output>/table.md from <output>/stages.jsonl
 
-CPU-sized flags (defaults, see notes/quality.md "Gemma3-270M end to end (CPU-sized)"): ``--trainable-layers 4``
+CPU-sized flags (defaults, see README.md next to this file): ``--trainable-layers 4``
 (teacher: only the top 4 decoder layers and the final norm train, so the backward pass stops there),
 token embeddings frozen (262k x 640 = 168M of the 268M weights: a dense gradient + AdamW state per step for
 rows a few hundred tokens touch), ``--eval-max-samples 100``. The freezing flags become the recipes'
 ``model.freeze`` (``--set`` still wins). A GPU run changes flags only, e.g.::
 
-    python recipes/gemma3/run_gemma3.py --stage all --teacher-steps 2000 --student-steps 10000 \
+    python experiments/gemma3_end_to_end/run_gemma3.py --stage all --teacher-steps 2000 --student-steps 10000 \
         --trainable-layers 0 --train-embeddings --eval-max-samples 0 --threads 16 \
         --set training.per_device_train_batch_size=128 --set training.bf16=true --output runs/gemma3_gpu
 
 The stage recipes are plain runner YAMLs: ``teacher.yaml`` builds the embedder from the GGUF itself
 (``model.gguf_file``, ``pooling: lasttoken``, ``prompts``) and freezes with ``model.freeze``, so
-``python -m st_bitnet.training recipes/gemma3/teacher.yaml`` runs it once the GGUF is assembled. This driver points
+``python -m st_bitnet.training experiments/gemma3_end_to_end/teacher.yaml`` runs it once the GGUF is assembled. This driver points
 the recipes at the packaged GGUF (or the tiny model), maps its flags to recipe overrides, trains with the runner's
 ``build_trainer`` and runs the dev-protocol evaluation of the in-memory model in the same process.
 
@@ -35,7 +35,6 @@ load average, commands), ``table.md``. ``--tiny`` runs everything on a tiny rand
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -44,34 +43,18 @@ from pathlib import Path
 
 import torch
 
+from st_bitnet.bitlinear import BitLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the shared dev-protocol helpers
+from dev_scores import append_record, chosen, evaluate_dev, latest_records, score_table  # noqa: E402
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 STAGES = ("base", "teacher", "naive", "student")
-EVAL_BITS = (16, 1)
 QUERY_PROMPT = "Instruct: Given a query, retrieve relevant passages\nQuery: "
 MODEL_PROMPTS = {"query": QUERY_PROMPT, "document": ""}
-SHORT = {"STSBenchmark": "STS-B", "SICK-R": "SICK-R", "EmotionClassification": "Emotion",
-         "AmazonCounterfactualClassification": "AmazonCF", "Banking77Classification": "Banking77",
-         "SciFact": "SciFact nDCG@10"}  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Losses: everything the stage recipes name is in st_bitnet.losses; the ablation's extra components
-# (PairSimilarityDistillationLoss...) are registered from run_ablation.py only if a --set names one that has not
-# moved into st_bitnet.losses yet.
-# ---------------------------------------------------------------------------------------------------------------
-def ensure_losses(recipe) -> None:
-    import st_bitnet.losses as losses
-
-    names = {spec["type"] for spec in recipe.loss.values()}
-    if all(hasattr(losses, n) for n in names):
-        return
-    path = REPO / "recipes" / "quality" / "run_ablation.py"
-    spec = importlib.util.spec_from_file_location("quality_run_ablation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.register_losses()
-
 
 def load_stage_recipe(name: str, args, steps: int | None):
     from st_bitnet.training.recipe import load_recipe
@@ -91,7 +74,6 @@ def load_stage_recipe(name: str, args, steps: int | None):
     if args.tiny:
         overrides += ["training.logging_steps=1"]
     recipe = load_recipe(HERE / f"{name}.yaml", overrides)
-    ensure_losses(recipe)
     return recipe, overrides
 
 
@@ -179,25 +161,6 @@ def train(recipe):
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: the dev protocol (st_bitnet.evaluation.run_evaluation), students packed
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(model, folder: Path, args, name: str) -> dict:
-    import st_bitnet
-    from st_bitnet.evaluation import run_evaluation
-
-    model.max_seq_length = args.eval_max_seq_length
-    model.eval()
-    if any(type(m).__name__ == "BitLinear" for m in model.modules()):
-        st_bitnet.pack(model)  # same outputs as the latent model in fp32, the fast CPU kernel
-    started = time.time()
-    result = run_evaluation(
-        model, folder, tasks=args.eval_tasks or None, bits=list(EVAL_BITS), max_samples=args.eval_max_samples,
-        batch_size=args.eval_batch_size, source="local", model_name=name, plots=False, show_progress_bar=False,
-    )  # fmt: skip
-    entry = result["model"]
-    return {"scores": {b: {t: s["main_score"] for t, s in per.items()} for b, per in entry["scores"].items()},
-            "average": entry["average"], "eval_minutes": round((time.time() - started) / 60, 2),
-            "eval_results": str(Path(folder) / "results.json")}  # fmt: skip
-
-
 def load_st(path: Path):
     from sentence_transformers import SentenceTransformer
 
@@ -221,7 +184,7 @@ def run_stage(stage: str, args) -> dict:
         recipe, overrides = load_stage_recipe("teacher", args, args.teacher_steps or args.steps)
         model, info = train(recipe)
         model.save(str(output / "teacher" / "final"))
-        record.update(info, recipe="recipes/gemma3/teacher.yaml", overrides=overrides)
+        record.update(info, recipe="experiments/gemma3_end_to_end/teacher.yaml", overrides=overrides)
     elif stage == "naive":
         recipe, overrides = load_stage_recipe("student", args, None)
         model = load_st(output / "teacher" / "final")
@@ -236,50 +199,35 @@ def run_stage(stage: str, args) -> dict:
     elif stage == "student":
         recipe, overrides = load_stage_recipe("student", args, args.student_steps or args.steps)
         model, info = train(recipe)
-        record.update(info, recipe="recipes/gemma3/student.yaml", overrides=overrides)
-        record["bitlinear_modules"] = sum(type(m).__name__ == "BitLinear" for m in model.modules())
+        record.update(info, recipe="experiments/gemma3_end_to_end/student.yaml", overrides=overrides)
+        record["bitlinear_modules"] = sum(isinstance(m, BitLinear) for m in model.modules())
         if args.save_student:
             model.save(str(output / "student" / "final"))
     else:
         raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
     record["stage_minutes"] = round((time.time() - started) / 60, 2)
     if model is not None and not args.skip_eval:
-        record.update(evaluate(model, output / stage / "eval", args, f"gemma3-270m-{stage}"))
+        record.update(evaluate_dev(model, output / stage / "eval", f"gemma3-270m-{stage}", max_samples=args.eval_max_samples,
+                                   max_seq_length=args.eval_max_seq_length, batch_size=args.eval_batch_size,
+                                   tasks=args.eval_tasks or None))  # fmt: skip
     record.update(
         load_average_end=[round(x, 2) for x in os.getloadavg()],
         torch_threads=torch.get_num_threads(),
         eval_max_samples=args.eval_max_samples,
         eval_max_seq_length=args.eval_max_seq_length,
-        command="python recipes/gemma3/run_gemma3.py " + " ".join(args.argv),
+        command="python experiments/gemma3_end_to_end/run_gemma3.py " + " ".join(args.argv),
     )
-    with open(output / "stages.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_record(output / "stages.jsonl", record)
     return record
 
 
 def write_table(output: Path) -> str:
     """Markdown table of the latest record per evaluated stage in <output>/stages.jsonl (+ student/teacher ratios)."""
-    path = output / "stages.jsonl"
-    if not path.exists():
-        return ""
-    latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[record["stage"]] = record
+    latest = latest_records(output / "stages.jsonl", "stage")
     rows = [latest[s] for s in ("teacher", "naive", "student") if s in latest and "scores" in latest[s]]
-    if not rows:
+    lines = score_table(rows, "model", "stage")
+    if not lines:
         return ""
-    tasks = list(rows[0]["scores"]["16"])
-    head = ["model", "bits", *(SHORT.get(t, t) for t in tasks), "avg", "steps", "train min", "eval min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for record in rows:
-        for bits in ("16", "1"):
-            scores = record["scores"].get(bits, {})
-            cells = [record["stage"], bits, *(f"{scores.get(t, float('nan')):.2f}" for t in tasks),
-                     f"{record['average'].get(bits, float('nan')):.2f}", str(record.get("steps", 0)),
-                     f"{record.get('train_seconds', 0) / 60:.1f}", f"{record['eval_minutes']:.1f}"]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
     teacher = latest.get("teacher")
     if teacher and "scores" in teacher:
         lines.append("")
@@ -318,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    stages = list(STAGES) if args.stage == ["all"] else args.stage
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        parser.error(f"unknown stages {unknown}; known: {', '.join(STAGES)}")
-    for stage in stages:
+    for stage in chosen(parser, args.stage, STAGES, "stages"):
         record = run_stage(stage, args)
         summary = {k: record[k] for k in ("stage", "stage_minutes", "average", "eval_minutes", "loss_first", "loss_last",
                                           "seconds_per_step") if k in record}  # fmt: skip

@@ -1,15 +1,15 @@
-"""Issue #8 ablation driver: teacher / naive conversion / plain distillation / cumulative BITEMBED rows.
+"""Quality ablation driver: teacher / naive conversion / plain distillation / cumulative BITEMBED rows.
 
 Every trained row gets the SAME budget (``--steps`` optimizer steps at batch 16, max_seq_length 48, seed 42):
 one-stage rows train ``--steps`` steps; two-stage rows train ``stage1_contrastive.yaml`` for half of them and
 their stage-2 recipe for the other half, on the same in-memory student. Each row is then scored with the
-evaluation engineer's dev protocol (``st_bitnet.evaluation.run_evaluation``) at 16-bit and 1-bit output.
+dev protocol (``st_bitnet.evaluation.run_evaluation``) at 16-bit and 1-bit output.
 
-    python recipes/quality/run_ablation.py --rows teacher naive                   # no training
-    python recipes/quality/run_ablation.py --rows plain_kd                        # one row
-    python recipes/quality/run_ablation.py --rows all --steps 160 --eval-max-samples 100
-    python recipes/quality/run_ablation.py --table                                # rebuild table.md only
-    python recipes/quality/run_ablation.py --check                                # parse recipes + leak check
+    python experiments/quality_ablation/run_ablation.py --rows teacher naive                   # no training
+    python experiments/quality_ablation/run_ablation.py --rows plain_kd                        # one row
+    python experiments/quality_ablation/run_ablation.py --rows all --steps 160 --eval-max-samples 100
+    python experiments/quality_ablation/run_ablation.py --table                                # rebuild table.md only
+    python experiments/quality_ablation/run_ablation.py --check                                # parse recipes + leak check
 
 Results: ``<output>/<row>/eval/results.json`` (the harness' JSON), ``<output>/rows.jsonl`` (one line per row:
 scores, minutes, steps, exact commands), ``<output>/table.md``.
@@ -28,7 +28,6 @@ components are in ``st_bitnet.losses`` too (known to the recipe loss registry):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -36,10 +35,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
+
+from st_bitnet.bitlinear import BitLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: the shared dev-protocol helpers
+from dev_scores import append_record, chosen, evaluate_dev, latest_records, score_table  # noqa: E402
+
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 HERE = Path(__file__).resolve().parent
-EVAL_BITS = (16, 1)
 EVAL_MAX_SEQ_LENGTH = 128  # the same for teacher, naive and every student (SciFact passages are long)
 STAGE1 = "stage1_contrastive.yaml"
 
@@ -72,15 +77,6 @@ ORDER = (*BASELINES, *ROWS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss components (now in st_bitnet.losses)
-# ---------------------------------------------------------------------------------------------------------------
-def register_losses() -> None:
-    """Kept for callers of the former run-time registration: the two components now live in ``st_bitnet.losses``
-    (and in the recipe loss registry), so this only checks they are importable."""
-    from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss, PairSimilarityDistillationLoss  # noqa: F401
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
 def stage_overrides(output: Path, row: str, index: int, steps: int, extra: list[str]) -> list[str]:
@@ -99,7 +95,7 @@ def calibrate_projection_norms(student, n_per_source: int = 16) -> int:
 
     norms, sums, hooks = {}, {}, []
     for name, module in student.named_modules():
-        if type(module).__name__ == "BitLinear" and getattr(module, "rms_norm", None) is not None:
+        if isinstance(module, BitLinear) and module.rms_norm is not None:
             norms[name] = module.rms_norm
 
             def hook(_, inputs, name=name):
@@ -160,7 +156,7 @@ def train_row(row: str, steps: int, output: Path):
     for index, ((name, extra), n) in enumerate(zip(stages, per_stage)):
         overrides = stage_overrides(output, row, index, n, extra)
         recipe = load_recipe(HERE / name, overrides)
-        commands.append(f"recipes/quality/{name} " + " ".join(f"--set {o}" for o in overrides))
+        commands.append(f"experiments/quality_ablation/{name} " + " ".join(f"--set {o}" for o in overrides))
         student, train_output = train_stage(recipe, student, calibrate_norms=row.endswith("_cal"))
         final_losses.append(round(float(train_output.training_loss), 4))
     return student, {"stage_steps": per_stage, "stage_recipes": commands, "train_loss": final_losses}
@@ -169,26 +165,6 @@ def train_row(row: str, steps: int, output: Path):
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
-def evaluate(model, folder: Path, max_samples: int | None, name: str) -> dict:
-    from st_bitnet.evaluation import run_evaluation
-
-    import st_bitnet
-
-    model.max_seq_length = EVAL_MAX_SEQ_LENGTH
-    model.eval()
-    if any(type(m).__name__ == "BitLinear" for m in model.modules()):
-        # Packed inference (ternary codes + the integer kernel): the same outputs as the latent model in fp32,
-        # and about 3x faster to encode on CPU than the latent (fake-quantized) forward.
-        st_bitnet.pack(model)
-    result = run_evaluation(
-        model, folder, bits=list(EVAL_BITS), max_samples=max_samples, batch_size=64, source="local",
-        model_name=name, plots=False, show_progress_bar=False,
-    )  # fmt: skip
-    entry = result["model"]
-    return {"scores": {b: {t: s["main_score"] for t, s in per.items()} for b, per in entry["scores"].items()},
-            "average": entry["average"], "quantization_ranges": entry.get("quantization_ranges")}  # fmt: skip
-
-
 def teacher_model():
     from sentence_transformers import SentenceTransformer
 
@@ -215,53 +191,29 @@ def run_row(row: str, args) -> dict:
         model, info = train_row(row, args.steps, output)
         record.update(info, steps=args.steps)
     train_minutes = (time.time() - started) / 60
-    started = time.time()
-    record.update(evaluate(model, output / row / "eval", args.eval_max_samples, row))
+    record.update(evaluate_dev(model, output / row / "eval", row, max_samples=args.eval_max_samples,
+                              max_seq_length=EVAL_MAX_SEQ_LENGTH, batch_size=64))
     record.update(
         description=ROWS[row][0] if row in ROWS else row,
         train_minutes=round(train_minutes, 2) if row in ROWS else 0.0,
-        eval_minutes=round((time.time() - started) / 60, 2),
         eval_max_samples=args.eval_max_samples,
         eval_max_seq_length=EVAL_MAX_SEQ_LENGTH,
         torch_threads=torch.get_num_threads(),
-        command=f"python recipes/quality/run_ablation.py --rows {row} --steps {args.steps} "
+        command=f"python experiments/quality_ablation/run_ablation.py --rows {row} --steps {args.steps} "
         f"--eval-max-samples {args.eval_max_samples} --output {args.output}",
     )
-    with open(output / "rows.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_record(output / "rows.jsonl", record)
     return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Table
 # ---------------------------------------------------------------------------------------------------------------
-SHORT = {"STSBenchmark": "STS-B", "SICK-R": "SICK-R", "EmotionClassification": "Emotion",
-         "AmazonCounterfactualClassification": "AmazonCF", "Banking77Classification": "Banking77",
-         "SciFact": "SciFact nDCG@10"}  # fmt: skip
-
-
 def write_table(output: Path) -> str:
-    path = output / "rows.jsonl"
-    if not path.exists():
+    latest = latest_records(output / "rows.jsonl", "row")
+    lines = score_table([latest[r] for r in ORDER if r in latest], "row", "row")
+    if not lines:
         return ""
-    latest = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[record["row"]] = record  # a re-run row replaces the earlier one
-    rows = [latest[r] for r in ORDER if r in latest]
-    if not rows:
-        return ""
-    tasks = list(rows[0]["scores"]["16"])
-    head = ["row", "bits", *(SHORT.get(t, t) for t in tasks), "avg", "steps", "train min", "eval min"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for record in rows:
-        for bits in ("16", "1"):
-            scores = record["scores"].get(bits, {})
-            cells = [record["row"], bits, *(f"{scores.get(t, float('nan')):.2f}" for t in tasks),
-                     f"{record['average'].get(bits, float('nan')):.2f}", str(record["steps"]),
-                     f"{record['train_minutes']:.1f}", f"{record['eval_minutes']:.1f}"]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (output / "table.md").write_text(table)
     return table
@@ -304,12 +256,8 @@ def check(output: Path) -> dict:
 
 
 def targets(output: Path) -> list[str]:
-    """Issue #8's targets for every trained row of ``<output>/rows.jsonl`` (dev protocol as run)."""
-    latest = {}
-    for line in (output / "rows.jsonl").read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            latest[record["row"]] = record
+    """The quality targets (16-bit average at the teacher's, SciFact at 98% of it...) for every trained row of ``<output>/rows.jsonl`` (dev protocol as run)."""
+    latest = latest_records(output / "rows.jsonl", "row")
     teacher, plain = latest["teacher"], latest.get("plain_kd")
     t16, t1 = teacher["average"]["16"], teacher["average"]["1"]
     t_scifact = teacher["scores"]["16"]["SciFact"]
@@ -340,22 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/quality")
     parser.add_argument("--table", action="store_true", help="only rebuild <output>/table.md")
     parser.add_argument("--check", action="store_true", help="parse every recipe and check the loader for leaks")
-    parser.add_argument("--targets", action="store_true", help="print issue #8's target checks for <output>")
+    parser.add_argument("--targets", action="store_true", help="print the target checks for <output>")
     args = parser.parse_args(argv)
     args.eval_max_samples = args.eval_max_samples or None
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    register_losses()
     if args.targets:
         print("\n".join(targets(output)))
         return 0
     if args.check:
         print(json.dumps(check(output), indent=2))
         return 0
-    rows = list(ORDER) if args.rows == ["all"] else args.rows
-    unknown = [r for r in rows if r not in ORDER]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; known: {', '.join(ORDER)}")
+    rows = chosen(parser, args.rows, ORDER, "rows")
     for row in rows:
         record = run_row(row, args)
         print(json.dumps({k: record[k] for k in ("row", "average", "train_minutes", "eval_minutes")}), flush=True)

@@ -1,17 +1,18 @@
 """Teacher / naive / trained on real dev data: all-MiniLM-L6-v2 converted to BitNet, trained with a recipe.
 
-    python recipes/run_minilm_quality.py                                  # stage-2 recipe, 150 steps
-    python recipes/run_minilm_quality.py --max-steps 300 --recipe recipes/stage2_distill_minilm.yaml
+    python experiments/minilm_recipe_quality/run_minilm_quality.py                                  # stage-2 recipe, 150 steps
+    python experiments/minilm_recipe_quality/run_minilm_quality.py --max-steps 300 --recipe recipes/stage2_distill_minilm.yaml
 
 Scores Spearman x 100 (cosine) on the STS-B and SICK dev splits (never trained on) for
   teacher: the full-precision model;  naive: converted to ternary weights / int8 activations, no training;
-  trained: converted, then trained by the recipe on train splits of ../shared/data;
+  trained: converted, then trained by the recipe on train splits of $ST_BITNET_DATA;
 and reports the share of the naive-conversion gap the recipe wins back. Writes <output>/quality.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import json
 import time
@@ -23,12 +24,15 @@ import st_bitnet
 from st_bitnet.training.recipe import load_recipe
 from st_bitnet.training.runner import evaluate, resolve_model_path, run_recipe
 
+# The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
+os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+
 EVAL_SETS = ["stsb", "sick"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=str(Path(__file__).with_name("stage2_distill_minilm.yaml")))
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parents[2] / "recipes" / "stage2_distill_minilm.yaml"))
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--output", default="runs/minilm_quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
