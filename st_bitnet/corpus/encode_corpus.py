@@ -206,6 +206,8 @@ def encode_corpus(
             sample = calibration_rows(count, calibration_size)
 
             def calibration_embeddings():
+                if show_progress:
+                    print(f"[encode-corpus] calibrating post-hoc ranges on {len(sample)} of {count} rows", flush=True)
                 wanted, texts = set(sample), []
                 for row, (_, text) in enumerate(source.iter_rows()):
                     if row in wanted:

@@ -94,7 +94,7 @@ class LanceDBStore(CodeStore):
         query = self._table.search(list(queries), vector_column_name="vector").distance_type("hamming")
         if self._has_index():
             query = query.nprobes(self.nprobes)
-        result = query.limit(min(k, self._rows)).select(["row", "id", "payload"]).to_arrow()
+        result = query.limit(min(k, self._rows)).select(["row", "id", "payload", "_distance"]).to_arrow()
         if len(queries) == 1 and "query_index" not in result.column_names:
             query_index = np.zeros(len(result), dtype=np.int64)
         else:
