@@ -2,7 +2,7 @@
 
 The corpus is real text: the sentences of the SciFact abstracts (``../shared/data``), cycled to ``--n`` rows with
 unique ids, written as JSONL. Each engine encodes it from scratch into its own folder (all-MiniLM-L6-v2,
-``8bit`` + ``1bit`` + ``16bit``, post-hoc ranges calibrated once on 2,048 rows); the driver then checks the two
+``8bit`` + ``1bit`` + ``16bit``, post-hoc ranges calibrated once on ``--calibration-size`` rows); the driver then checks the two
 outputs hold the same ids and bit-identical codes, and records throughput.
 
 Usage (from the repository root):
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--calibration-size", type=int, default=2048, help="rows for the post-hoc ranges")
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = parser.parse_args()
@@ -85,7 +86,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = encode_corpus(str(model_dir), source, out, precisions=["16bit", "8bit", "1bit"],
                                  shard_size=args.shard_size, batch_size=args.batch_size, engine=engine,
-                                 workers=args.workers)
+                                 workers=args.workers, calibration_size=args.calibration_size)
         wall = time.perf_counter() - start
         if engine == "ray":
             ray.shutdown()
