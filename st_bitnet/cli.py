@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that part of st_bitnet is not installed
             raise
         module.add_subparser(sub)
+
+    # Deployment: corpus-scale encoding (st_bitnet.corpus; pyarrow, and ray for --engine ray).
+    from .corpus.cli import add_subparser as add_corpus_subparser
+
+    add_corpus_subparser(sub)
     return parser
 
 
