@@ -168,6 +168,9 @@ def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = Tru
         raise ValueError("save_pretrained expects a SentenceTransformer with a transformers module")
     pack(st_model)
     st_model.save(str(path))
+    from .shipped_modules import ship_module_code
+
+    ship_module_code(path)  # st_bitnet modules (MultiPrecisionQuantizer...) load with trust_remote_code=True
     if model_card:
         try:
             from .model_card import write_model_card
@@ -254,6 +257,19 @@ def load(model_name_or_path: str, *, device: str | None = None, revision: str | 
     if is_microsoft_format(local):
         return load_microsoft_sentence_transformer(local, device=device, **st_kwargs)
     validate_packed_checkpoint(local)
-    # st_bitnet is imported here, so a ``bitembed`` folder resolves to the registered local class;
-    # trust_remote_code is not needed for it.
-    return SentenceTransformer(str(local), device=device, **st_kwargs)
+    # st_bitnet is imported here, so a ``bitembed`` folder resolves to the registered local class and st_bitnet's
+    # sentence-transformers modules to the installed classes: trust_remote_code is not needed, no folder code runs.
+    from .shipped_modules import installed_module_classes
+
+    module_classes = installed_module_classes(local)
+    if not module_classes:
+        return SentenceTransformer(str(local), device=device, **st_kwargs)
+    if hasattr(SentenceTransformer, "_load_with_module_classes"):
+        return SentenceTransformer._load_with_module_classes(str(local), module_classes, device=device, **st_kwargs)
+    # sentence-transformers before _load_with_module_classes: resolve the same mapping through its class lookup.
+    model = SentenceTransformer.__new__(SentenceTransformer)
+    resolve = model._load_module_class_from_ref
+    model._load_module_class_from_ref = lambda ref, *a, **k: module_classes.get(ref) or resolve(ref, *a, **k)
+    model.__init__(str(local), device=device, **st_kwargs)
+    del model._load_module_class_from_ref
+    return model

@@ -518,7 +518,7 @@ def run_recipe(
             save = getattr(st_bitnet, "save_pretrained", None)
             if save is None:
                 from st_bitnet.sentence_transformer import save_pretrained as save
-            save(model, Path(recipe.output_dir) / "packed")
+            save(model, Path(recipe.output_dir) / "packed", recipe=recipe)  # the card records the recipe
         with open(Path(recipe.output_dir) / "results.json", "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
     return results
