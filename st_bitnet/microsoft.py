@@ -3,7 +3,8 @@
 Their repos hold a plain ``qwen3`` / ``gemma3_text`` config, latent (bf16) projection weights that are
 quantized at load (absmean ternary weights, per-token absmax int8 activations), and one RMSNorm per
 projection named ``<proj>.norm.weight``. Stock transformers would load them as a plain full-precision model
-and silently drop those norms, so st_bitnet reads them itself and packs them to W1.58A8.
+and silently drop those norms, so st_bitnet reads them itself and packs them to W1.58A8; with st_bitnet imported,
+stock ``AutoModel.from_pretrained`` / ``SentenceTransformer`` calls come here too (:mod:`st_bitnet.load_guard`).
 
 Assumption (documented, not checkable offline): the per-projection norms use the plain ``weight * x / rms(x)``
 form (transformers' LlamaRMSNorm, as in its bitnet integration), also inside Gemma3 models.

@@ -3,8 +3,8 @@
 * :func:`build_sentence_transformer` - backbone name/path -> ``SentenceTransformer`` (Transformer + Pooling
   + Normalize, all stock sentence-transformers modules) with BitLinear projections (latent, trainable).
 * :func:`save_pretrained` - pack and save: the folder loads with stock ``SentenceTransformer(path)``
-  (stock transformers ``bitnet`` format) or ``SentenceTransformer(path, trust_remote_code=True)`` (st_bitnet's
-  ``bitembed`` class, whose code ships in the folder).
+  (stock transformers ``bitnet`` format; needs accelerate) or ``SentenceTransformer(path, trust_remote_code=True)``
+  (st_bitnet's ``bitembed`` class or st_bitnet's output modules, whose code ships in the folder).
 * :func:`load` - a saved st_bitnet folder / Hub repo, or Microsoft's bitnet-embedding format.
 """
 
@@ -241,9 +241,10 @@ def validate_packed_checkpoint(folder: str | os.PathLike) -> None:
 def load(model_name_or_path: str, *, device: str | None = None, revision: str | None = None, **st_kwargs):
     """Load any BitNet embedder as a SentenceTransformer running on st_bitnet's kernels.
 
-    Accepts a folder or Hub repo saved by st_bitnet (stock ``bitnet`` format or ``bitembed``) and Microsoft's
-    bitnet-embedding format (plain ``qwen3`` / ``gemma3_text`` config, latent bf16 weights and
-    ``*_proj.norm.weight`` norms), which is quantized to W1.58A8 at load.
+    Accepts a folder or Hub repo saved by st_bitnet (stock ``bitnet`` format or ``bitembed``, with or without
+    st_bitnet's output modules such as ``MultiPrecisionQuantizer``) and Microsoft's bitnet-embedding format (plain
+    ``qwen3`` / ``gemma3_text`` config, latent bf16 weights and ``*_proj.norm.weight`` norms), which is quantized
+    to W1.58A8 at load. No ``trust_remote_code`` is needed: st_bitnet's own classes are used, no folder code runs.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -264,12 +265,7 @@ def load(model_name_or_path: str, *, device: str | None = None, revision: str | 
     module_classes = installed_module_classes(local)
     if not module_classes:
         return SentenceTransformer(str(local), device=device, **st_kwargs)
-    if hasattr(SentenceTransformer, "_load_with_module_classes"):
-        return SentenceTransformer._load_with_module_classes(str(local), module_classes, device=device, **st_kwargs)
-    # sentence-transformers before _load_with_module_classes: resolve the same mapping through its class lookup.
-    model = SentenceTransformer.__new__(SentenceTransformer)
-    resolve = model._load_module_class_from_ref
-    model._load_module_class_from_ref = lambda ref, *a, **k: module_classes.get(ref) or resolve(ref, *a, **k)
-    model.__init__(str(local), device=device, **st_kwargs)
-    del model._load_module_class_from_ref
-    return model
+    if not hasattr(SentenceTransformer, "_load_with_module_classes"):
+        raise RuntimeError(f"{local} has st_bitnet modules ({', '.join(module_classes)}): loading them without "
+                           "trust_remote_code needs sentence-transformers >= 6.0.1 (or pass trust_remote_code=True)")
+    return SentenceTransformer._load_with_module_classes(str(local), module_classes, device=device, **st_kwargs)

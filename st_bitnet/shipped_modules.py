@@ -79,24 +79,28 @@ def ship_module_code(folder: str | Path) -> list[str]:
     return [f"{SHIM_MODULE}.py", *written]
 
 
-def installed_module_classes(folder: str | Path) -> dict[str, type]:
-    """``modules.json`` type -> st_bitnet's installed class, for every st_bitnet module of a saved folder.
+def installed_module_class(class_ref: str) -> type | None:
+    """st_bitnet's installed class for a ``modules.json`` type, or None when the type is not st_bitnet's.
 
     Covers the shim references written by :func:`ship_module_code` and the plain ``st_bitnet.*`` references of
-    folders saved before it. Other types are left to sentence-transformers (and its ``trust_remote_code`` gate).
+    folders saved before it (or with ``SentenceTransformer.save``). Other types are left to sentence-transformers
+    (and its ``trust_remote_code`` gate).
     """
+    module_path, _, class_name = class_ref.rpartition(".")
+    if module_path == SHIM_MODULE and class_name in SHIPPED_CLASSES:
+        module_path = SHIPPED_CLASSES[class_name]
+    elif not module_path.startswith("st_bitnet."):
+        return None
+    cls = getattr(importlib.import_module(module_path), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ValueError(f"modules.json names {class_ref!r}, which is not an st_bitnet module class")
+    return cls
+
+
+def installed_module_classes(folder: str | Path) -> dict[str, type]:
+    """``modules.json`` type -> st_bitnet's installed class, for every st_bitnet module of a saved folder."""
     modules_path = Path(folder) / "modules.json"
     if not modules_path.exists():
         return {}
-    classes = {}
-    for entry in json.loads(modules_path.read_text()):
-        module_path, _, class_name = entry["type"].rpartition(".")
-        if module_path == SHIM_MODULE and class_name in SHIPPED_CLASSES:
-            module_path = SHIPPED_CLASSES[class_name]
-        elif not module_path.startswith("st_bitnet."):
-            continue
-        cls = getattr(importlib.import_module(module_path), class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            raise ValueError(f"{modules_path} names {entry['type']!r}, which is not an st_bitnet module class")
-        classes[entry["type"]] = cls
-    return classes
+    refs = [entry["type"] for entry in json.loads(modules_path.read_text())]
+    return {ref: cls for ref in refs if (cls := installed_module_class(ref)) is not None}

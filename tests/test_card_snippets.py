@@ -76,6 +76,12 @@ def test_multi_precision_folder_ships_its_module_code(backbone_dirs, tmp_path):
     assert type(loaded[-1]) is MultiPrecisionQuantizer
     np.testing.assert_array_equal(encode(loaded, SENTENCES, precision="2bit").codes,
                                   encode(model, SENTENCES, precision="2bit").codes)
+    from st_bitnet.multi_precision import MultiPrecisionSentenceTransformer
+
+    subclass = MultiPrecisionSentenceTransformer(str(folder))  # no trust_remote_code either
+    assert type(subclass[-1]) is MultiPrecisionQuantizer
+    np.testing.assert_array_equal(subclass.encode(SENTENCES, precision="1bit").codes,
+                                  encode(model, SENTENCES, precision="1bit").codes)
     text = (folder / "README.md").read_text()
     assert "trust_remote_code=True" in text and "`st_bitnet_modules.py`" in text
 
