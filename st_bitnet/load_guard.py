@@ -60,8 +60,8 @@ def _local_checkpoint_folder(name, kwargs: dict) -> Path | None:
     local = Path(name) / subfolder
     if local.is_dir():
         return local
-    if kwargs.get("use_safetensors") is False:
-        return None
+    if kwargs.get("use_safetensors") is False or kwargs.get("variant"):
+        return None  # weights the stock loader picks differently: its result is still checked
     try:
         from transformers.utils import cached_file
 
@@ -110,10 +110,15 @@ def _load_bitnet_embedding(cls, folder: Path, kwargs: dict):
     return model
 
 
-def _bitlinear_layers(model) -> list:
+def _is_bitnet_model(model) -> bool:
+    """st_bitnet's BitLinear layers, or transformers' own (``ST_BITNET_TRANSFORMERS_HOOK=0``) in a bitnet config."""
     from .bitlinear import BitLinear
 
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, BitLinear)]
+    config = getattr(model, "config", None)
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return str(method) in ("bitnet", "QuantizationMethod.BITNET") or bool(getattr(config, "st_bitnet", None)) or any(
+        isinstance(m, BitLinear) for m in model.modules())
 
 
 def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
@@ -129,14 +134,13 @@ def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
     unexpected = sorted(loading_info.get("unexpected_keys") or [])
     missing = sorted(loading_info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in loading_info.get("mismatched_keys") or [])
-    layers = _bitlinear_layers(model)
     dropped_norms = [k for k in unexpected if _PROJ_NORM_RE.match(k)]
-    if dropped_norms and not any(layer.rms_norm is not None for _, layer in layers):
+    if dropped_norms and not any(getattr(m, "rms_norm", None) is not None for m in model.modules()):
         raise BitNetCheckpointError(
             f"{source} holds per-projection BitNet norms ({dropped_norms[0]}, ...) that {type(model).__name__} "
             "does not use: loading it this way gives wrong embeddings. Load it with st_bitnet.load(path)."
         )
-    if not layers:
+    if not _is_bitnet_model(model):
         return
     problems = []
     if unexpected:
@@ -147,12 +151,15 @@ def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
                         f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
     if mismatched:
         problems.append(f"tensor(s) of the wrong shape ({', '.join(mismatched[:4])})")
-    for name, layer in layers:
-        scale = getattr(layer, "weight_scale", None) if layer.is_packed else None
-        if scale is not None and not (torch.isfinite(scale).all() and (scale > 0).all()):
+    for name, layer in model.named_modules():  # st_bitnet's packed BitLinear and transformers' own share these names
+        scale = getattr(layer, "weight_scale", None)
+        if not isinstance(scale, torch.Tensor) or scale.is_meta:
+            continue
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
             problems.append(f"{name}.weight_scale is {scale.flatten()[:4].tolist()} (must be finite and > 0)")
-        for part, tensor in (("bias", layer.bias), ("rms_norm.weight", getattr(layer.rms_norm, "weight", None))):
-            if tensor is not None and not torch.isfinite(tensor).all():
+        norm = getattr(getattr(layer, "rms_norm", None), "weight", None)
+        for part, tensor in (("bias", getattr(layer, "bias", None)), ("rms_norm.weight", norm)):
+            if isinstance(tensor, torch.Tensor) and not torch.isfinite(tensor).all():
                 problems.append(f"{name}.{part} holds NaN or inf")
         if len(problems) > 8:
             break

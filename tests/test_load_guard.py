@@ -147,3 +147,26 @@ def test_intact_folders_still_load(saved_qwen3, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(saved_qwen3, copy)
     assert SentenceTransformer(str(copy)).encode(SENTENCES).shape == (len(SENTENCES), 64)
+
+
+def test_checks_also_guard_transformers_own_bitnet_layers(saved_qwen3):
+    """With ST_BITNET_TRANSFORMERS_HOOK=0 transformers builds its own BitLinear; the checks still run."""
+    from conftest import run_python
+
+    key = "layers.1.mlp.down_proj.weight_scale"
+    _edit(saved_qwen3, state_edit=lambda state: state.__setitem__(key, torch.tensor([float("inf")])))
+    code = f"""
+import os
+os.environ["ST_BITNET_TRANSFORMERS_HOOK"] = "0"
+import st_bitnet
+from transformers import AutoModel
+from st_bitnet.load_guard import BitNetCheckpointError
+try:
+    model = AutoModel.from_pretrained({str(saved_qwen3)!r})
+except BitNetCheckpointError as err:
+    print("RAISED", err)
+else:
+    print("LOADED", type(model.layers[1].mlp.down_proj).__module__)
+"""
+    out = run_python(code)
+    assert "RAISED" in out and "down_proj.weight_scale is [inf]" in out
