@@ -170,3 +170,19 @@ else:
 """
     out = run_python(code)
     assert "RAISED" in out and "down_proj.weight_scale is [inf]" in out
+
+
+def test_bitnet_embedding_folder_with_modules_json(tmp_path):
+    """A Hub-style repo with its own sentence-transformers modules: the Transformer module loads W1.58A8."""
+    folder = tmp_path / "ms"
+    write_microsoft_checkpoint(folder, "qwen3")
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 64, "pooling_mode": "lasttoken"}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sentence_transformer.modules.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.sentence_transformer.modules.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.sentence_transformer.modules.Normalize"},
+    ]))
+    stock = SentenceTransformer(str(folder))
+    assert getattr(stock[0].model, "st_bitnet_checkpoint_format", None) == CHECKPOINT_FORMAT
+    assert np.array_equal(stock.encode(SENTENCES), st_bitnet.load(str(folder)).encode(SENTENCES))
