@@ -117,8 +117,15 @@ def _is_bitnet_model(model) -> bool:
     config = getattr(model, "config", None)
     quantization = getattr(config, "quantization_config", None)
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    return str(method) in ("bitnet", "QuantizationMethod.BITNET") or bool(getattr(config, "st_bitnet", None)) or any(
+    return getattr(method, "value", method) == "bitnet" or bool(getattr(config, "st_bitnet", None)) or any(
         isinstance(m, BitLinear) for m in model.modules())
+
+
+def _in_backbone(model, key: str) -> bool:
+    """Whether a state-dict key belongs to the backbone (a freshly initialised task head is legitimate)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    return base is None or base is model or key.startswith(prefix + ".")
 
 
 def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
@@ -129,6 +136,7 @@ def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
         loading_info: transformers' ``output_loading_info`` dict (``missing_keys``, ``unexpected_keys``...).
         source: the path or Hub id it came from (for the messages).
     """
+    from .convert import _BLOCK_RE
     from .microsoft import _PROJ_NORM_RE
 
     unexpected = sorted(loading_info.get("unexpected_keys") or [])
@@ -143,6 +151,10 @@ def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
     if not _is_bitnet_model(model):
         return
     problems = []
+    # Tensors of transformer blocks or BitNet layers with no place in the model; a checkpoint's head
+    # (lm_head...) loaded into a backbone is fine.
+    unexpected = [k for k in unexpected if _BLOCK_RE.search(k) or k.endswith(("weight_scale", "rms_norm.weight"))]
+    missing = [k for k in missing if _in_backbone(model, k)]
     if unexpected:
         problems.append(f"{len(unexpected)} checkpoint tensor(s) the config has no place for ({', '.join(unexpected[:4])}"
                         f"{' ...' if len(unexpected) > 4 else ''}; e.g. fewer layers in config.json than in the weights)")
