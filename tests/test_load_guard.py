@@ -186,3 +186,18 @@ def test_bitnet_embedding_folder_with_modules_json(tmp_path):
     stock = SentenceTransformer(str(folder))
     assert getattr(stock[0].model, "st_bitnet_checkpoint_format", None) == CHECKPOINT_FORMAT
     assert np.array_equal(stock.encode(SENTENCES), st_bitnet.load(str(folder)).encode(SENTENCES))
+
+
+def test_default_pipeline_patch_when_st_bitnet_is_imported_first(tmp_path):
+    """``import st_bitnet`` before sentence-transformers: the patch lands when sentence-transformers is imported."""
+    from conftest import run_python
+
+    folder = tmp_path / "ms"
+    write_microsoft_checkpoint(folder, "qwen3")
+    code = f"""
+import st_bitnet
+assert "sentence_transformers" not in sys.modules  # import st_bitnet stays light
+from sentence_transformers import SentenceTransformer
+print([type(m).__name__ for m in SentenceTransformer({str(folder)!r})], flush=True)
+"""
+    assert run_python(code).strip().endswith("['Transformer', 'Pooling', 'Normalize']")
