@@ -1,7 +1,9 @@
 """st_bitnet: BitNet (W1.58A8) text embedders for sentence-transformers.
 
-Importing this package registers st_bitnet's transformers classes (model type ``bitembed``) and routes
-transformers' ``bitnet`` checkpoints to st_bitnet's BitLinear (same numbers, faster kernels). It never
+Importing this package registers st_bitnet's transformers classes (model type ``bitembed``), routes
+transformers' ``bitnet`` checkpoints to st_bitnet's BitLinear (same numbers, faster kernels) and guards stock
+loading (:mod:`st_bitnet.load_guard`: Microsoft's bitnet-embedding folders load as W1.58A8, corrupt BitNet folders
+raise). It never
 initialises CUDA nor imports Triton itself (transformers may import Triton when it is installed): GPU
 kernels load on first use on a CUDA tensor, the CPU kernel compiles on first use.
 """

@@ -6,16 +6,16 @@ Stock transformers reads BitNet checkpoints through its ``bitnet`` quantization 
 so users without st_bitnet load it with stock libraries. Once st_bitnet is imported, the same checkpoints
 load into st_bitnet's :class:`~st_bitnet.bitlinear.BitLinear` instead (same state-dict names, same numbers,
 st_bitnet's kernels). Set ``ST_BITNET_TRANSFORMERS_HOOK=0`` before importing st_bitnet to keep stock layers.
+Registration also installs :mod:`st_bitnet.load_guard` (Microsoft's format through stock calls, corrupt folders
+raise).
 """
 
 from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
 
-from .bitlinear import BitLinear
 from .configuration_bitembed import BitEmbedConfig
 from .modeling_bitembed import BitEmbedModel
 
@@ -37,54 +37,6 @@ def stock_quantization_config(model: nn.Module) -> dict:
     }
 
 
-def _replace_with_st_bitnet_linear(model, modules_to_not_convert, quantization_config) -> None:
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    packed = quantization_config.linear_class == "bitlinear"
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or not should_convert_module(name, modules_to_not_convert):
-            continue
-        with torch.device("meta"):
-            new = BitLinear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                use_rms_norm=bool(quantization_config.use_rms_norm),
-                rms_norm_eps=quantization_config.rms_norm_eps or 1e-6,
-                packed=packed,
-                dtype=module.weight.dtype,
-            )
-        if packed:
-            new.requires_grad_(False)
-        model.set_submodule(name, new)
-
-
-def _make_quantizer_class():
-    from transformers.quantizers.quantizer_bitnet import BitNetHfQuantizer
-
-    class StBitNetHfQuantizer(BitNetHfQuantizer):
-        """transformers' bitnet quantizer, building st_bitnet's BitLinear (packed or latent QAT)."""
-
-        def _handled(self) -> bool:
-            qc = self.quantization_config
-            return not (qc.linear_class == "autobitlinear" and qc.quantization_mode == "offline")
-
-        def validate_environment(self, *args, **kwargs):
-            if not self._handled():
-                return super().validate_environment(*args, **kwargs)
-            # st_bitnet has CPU kernels: no "inference will be slow" warning, no accelerate requirement.
-
-        def _process_model_before_weight_loading(self, model, **kwargs):
-            if not self._handled():
-                return super()._process_model_before_weight_loading(model, **kwargs)
-            self.modules_to_not_convert = self.get_modules_to_not_convert(
-                model, self.quantization_config.modules_to_not_convert, model._keep_in_fp32_modules
-            )
-            _replace_with_st_bitnet_linear(model, self.modules_to_not_convert, self.quantization_config)
-
-    return StBitNetHfQuantizer
-
-
 def register() -> None:
     """Register ``bitembed`` with the Auto classes and route ``bitnet`` checkpoints to st_bitnet (idempotent)."""
     global _REGISTERED
@@ -103,5 +55,11 @@ def register() -> None:
     if os.environ.get("ST_BITNET_TRANSFORMERS_HOOK", "1") != "0":
         from transformers.quantizers import auto as quantizer_auto
 
-        quantizer_auto.AUTO_QUANTIZER_MAPPING["bitnet"] = _make_quantizer_class()
+        from .hf_quantizer import StBitNetHfQuantizer
+
+        quantizer_auto.AUTO_QUANTIZER_MAPPING["bitnet"] = StBitNetHfQuantizer
+    # Always on (whatever the hook setting): BitNet folders load right through stock calls or fail loudly.
+    from .load_guard import install as install_load_guard
+
+    install_load_guard()
     _REGISTERED = True

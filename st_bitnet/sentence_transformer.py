@@ -3,8 +3,8 @@
 * :func:`build_sentence_transformer` - backbone name/path -> ``SentenceTransformer`` (Transformer + Pooling
   + Normalize, all stock sentence-transformers modules) with BitLinear projections (latent, trainable).
 * :func:`save_pretrained` - pack and save: the folder loads with stock ``SentenceTransformer(path)``
-  (stock transformers ``bitnet`` format) or ``SentenceTransformer(path, trust_remote_code=True)`` (st_bitnet's
-  ``bitembed`` class, whose code ships in the folder).
+  (stock transformers ``bitnet`` format; needs accelerate) or ``SentenceTransformer(path, trust_remote_code=True)``
+  (st_bitnet's ``bitembed`` class or st_bitnet's output modules, whose code ships in the folder).
 * :func:`load` - a saved st_bitnet folder / Hub repo, or Microsoft's bitnet-embedding format.
 """
 
@@ -151,6 +151,9 @@ def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = Tru
         raise ValueError("save_pretrained expects a SentenceTransformer with a transformers module")
     pack(st_model)
     st_model.save(str(path))
+    from .shipped_modules import ship_module_code
+
+    ship_module_code(path)  # st_bitnet modules (MultiPrecisionQuantizer...) load with trust_remote_code=True
     if model_card:
         try:
             from .model_card import write_model_card
@@ -218,9 +221,10 @@ def validate_packed_checkpoint(folder: str | os.PathLike) -> None:
 def load(model_name_or_path: str, *, device: str | None = None, revision: str | None = None, **st_kwargs):
     """Load any BitNet embedder as a SentenceTransformer running on st_bitnet's kernels.
 
-    Accepts a folder or Hub repo saved by st_bitnet (stock ``bitnet`` format or ``bitembed``) and Microsoft's
-    bitnet-embedding format (plain ``qwen3`` / ``gemma3_text`` config, latent bf16 weights and
-    ``*_proj.norm.weight`` norms), which is quantized to W1.58A8 at load.
+    Accepts a folder or Hub repo saved by st_bitnet (stock ``bitnet`` format or ``bitembed``, with or without
+    st_bitnet's output modules such as ``MultiPrecisionQuantizer``) and Microsoft's bitnet-embedding format (plain
+    ``qwen3`` / ``gemma3_text`` config, latent bf16 weights and ``*_proj.norm.weight`` norms), which is quantized
+    to W1.58A8 at load. No ``trust_remote_code`` is needed: st_bitnet's own classes are used, no folder code runs.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -234,6 +238,14 @@ def load(model_name_or_path: str, *, device: str | None = None, revision: str | 
     if is_microsoft_format(local):
         return load_microsoft_sentence_transformer(local, device=device, **st_kwargs)
     validate_packed_checkpoint(local)
-    # st_bitnet is imported here, so a ``bitembed`` folder resolves to the registered local class;
-    # trust_remote_code is not needed for it.
-    return SentenceTransformer(str(local), device=device, **st_kwargs)
+    # st_bitnet is imported here, so a ``bitembed`` folder resolves to the registered local class and st_bitnet's
+    # sentence-transformers modules to the installed classes: trust_remote_code is not needed, no folder code runs.
+    from .shipped_modules import installed_module_classes
+
+    module_classes = installed_module_classes(local)
+    if not module_classes:
+        return SentenceTransformer(str(local), device=device, **st_kwargs)
+    if not hasattr(SentenceTransformer, "_load_with_module_classes"):
+        raise RuntimeError(f"{local} has st_bitnet modules ({', '.join(module_classes)}): loading them without "
+                           "trust_remote_code needs sentence-transformers >= 6.0.1 (or pass trust_remote_code=True)")
+    return SentenceTransformer._load_with_module_classes(str(local), module_classes, device=device, **st_kwargs)

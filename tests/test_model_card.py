@@ -55,7 +55,7 @@ def test_minimal_folder_renders(tmp_path):
     assert front["library_name"] == "sentence-transformers" and front["pipeline_tag"] == "sentence-similarity"
     assert "bitnet" in front["tags"] and "base_model" not in front
     text = readme.read_text()
-    assert "No training recipe was recorded" in text and "No evaluation results were attached" in text
+    assert "No training was recorded" in text and "No evaluation results were attached" in text
 
 
 def test_missing_folder_raises(tmp_path):

@@ -8,8 +8,10 @@
 - :func:`storage_report`: bytes per vector and index sizes.
 - :class:`MultiPrecisionSentenceTransformer`: ``model.encode(texts, precision="2bit")``.
 
-Reload a saved model (st_bitnet installed): ``SentenceTransformer(path, trust_remote_code=True)`` or
-``MultiPrecisionSentenceTransformer(path, trust_remote_code=True)``.
+Reload a saved model: ``st_bitnet.load(path)`` (no ``trust_remote_code``: st_bitnet's installed classes), or
+``SentenceTransformer(path, trust_remote_code=True)`` / ``MultiPrecisionSentenceTransformer(path,
+trust_remote_code=True)``, which also works without st_bitnet for folders written by ``st_bitnet.save_pretrained``
+(they ship the module code, :mod:`st_bitnet.shipped_modules`).
 """
 
 from .encode import embed_at_bits, encode, find_quantizer, posthoc_quantizer, similarity_at_bits

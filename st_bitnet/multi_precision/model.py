@@ -19,19 +19,24 @@ class MultiPrecisionSentenceTransformer(SentenceTransformer):
     ``encode_query`` / ``encode_document`` go through the same ``encode``.
 
     Loading a saved model with st_bitnet modules (``MultiPrecisionQuantizer``, ``QuantizationAwarePooling``) needs
-    ``trust_remote_code=True``: sentence-transformers 6 asks for it before importing any module class outside
-    ``sentence_transformers.*``; with st_bitnet installed the class is imported from the package, no code is
-    downloaded.
+    no ``trust_remote_code`` here: this class resolves them to st_bitnet's installed classes (plain
+    ``SentenceTransformer`` asks for ``trust_remote_code=True`` before importing any module class outside
+    ``sentence_transformers.*``).
 
     Example:
         ::
 
             from st_bitnet.multi_precision import MultiPrecisionSentenceTransformer
 
-            model = MultiPrecisionSentenceTransformer("path/to/bitembed-model", trust_remote_code=True)
+            model = MultiPrecisionSentenceTransformer("path/to/bitembed-model")
             docs = model.encode(documents, precision="1bit")
             hits = model.encode(["query"], precision="1bit").similarity(docs)
     """
+
+    def _load_module_class_from_ref(self, class_ref: str, *args: Any, **kwargs: Any):
+        from ..shipped_modules import installed_module_class
+
+        return installed_module_class(class_ref) or super()._load_module_class_from_ref(class_ref, *args, **kwargs)
 
     def encode(self, inputs=None, *args, precision: str | int = "float32", **kwargs: Any):
         if is_st_precision(precision):

@@ -501,12 +501,12 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
     loss = build_loss(recipe, student, teacher)
     args = training_arguments(recipe)
     if args.bf16 and student.device.type == "cpu":
-        from st_bitnet.convert import find_transformer_modules
+        from st_bitnet.introspection import transformer_modules
 
         from .mixed_precision import autocast_forward
 
         # the backbone modules, not the SentenceTransformer: the trainer (accelerate) re-wraps the model's own forward
-        for module in find_transformer_modules(student) + (find_transformer_modules(teacher.model) if teacher else []):
+        for module in transformer_modules(student) + (transformer_modules(teacher.model) if teacher else []):
             autocast_forward(module)
     if recipe.warm_start is not None and warm_start:
         set_seed(recipe.seed)
@@ -614,7 +614,7 @@ def run_recipe(
             save = getattr(st_bitnet, "save_pretrained", None)
             if save is None:
                 from st_bitnet.sentence_transformer import save_pretrained as save
-            save(model, Path(recipe.output_dir) / "packed")
+            save(model, Path(recipe.output_dir) / "packed", recipe=recipe)  # the card records the recipe
         with open(Path(recipe.output_dir) / "results.json", "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
     return results
