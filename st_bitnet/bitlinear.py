@@ -85,9 +85,14 @@ def activation_scale_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 quantization: returns ``(x_q int8, x_scale fp32 of shape (..., 1))``."""
+    """Per-token absmax int8 quantization: returns ``(x_q int8, x_scale fp32 of shape (..., 1))``.
+
+    A token holding NaN or +-inf gets ``x_q = 0`` and a NaN (NaN input) or 0 (inf input) ``x_scale``, so its
+    outputs ``x_q @ W_q^T / (weight_scale * x_scale)`` are all NaN (``0 / NaN``, ``0 / 0``), as in the QAT
+    path. (Casting NaN to int8 is platform-defined; mapping it to 0 first keeps that result everywhere.)
+    """
     scale = activation_scale_absmax(x)
-    x_q = (x.float() * scale).round().clamp(-128, 127).to(torch.int8)
+    x_q = (x.float() * scale).round().clamp(-128, 127).nan_to_num(nan=0.0).to(torch.int8)
     return x_q, scale
 
 
