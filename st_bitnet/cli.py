@@ -52,12 +52,45 @@ def _build(model: str | None, args, convert_model: bool = True):
     )
 
 
-def cmd_convert(args) -> int:
-    from .sentence_transformer import save_pretrained
+def _looks_like_model_folder(path) -> bool:
+    folder = Path(path)
+    return any((folder / name).exists() for name in ("config.json", "modules.json", "model.safetensors"))
 
+
+def _calibration_texts(args, norm: str) -> list[str] | None:
+    """The texts that fit the added norms (None when the conversion adds none)."""
+    from .calibration import default_calibration_sentences, read_calibration_file
+
+    if norm == "none":
+        if args.calibration_texts:
+            raise ValueError("--calibration-texts has nothing to calibrate with --norm none (no norms are added)")
+        return None
+    if args.calibration_texts:
+        return read_calibration_file(args.calibration_texts)
+    return default_calibration_sentences()
+
+
+def cmd_convert(args) -> int:
+    from .atomic_folder import check_output
+    from .calibration import calibrate_norms
+    from .sentence_transformer import check_model_path, save_pretrained
+
+    if args.model is None and _looks_like_model_folder(args.output):
+        raise FileExistsError(
+            f"{args.output} holds a model and would be overwritten by a conversion of the default Gemma3-270M: "
+            "did you forget the output folder? usage: st-bitnet convert MODEL OUTPUT"
+        )
+    if args.model is not None:
+        check_model_path(args.model)
+    # refuse a bad output before the (minutes long) conversion, and never write into the source
+    check_output(args.output, overwrite=args.overwrite, sources=[args.model])
+    texts = _calibration_texts(args, args.norm)
     start = time.time()
     model = _build(args.model, args)
-    out = save_pretrained(model, args.output)
+    if texts is not None:
+        count = calibrate_norms(model, texts)
+        print(f"[st-bitnet] calibrated {count} norms on {len(texts)} texts", file=sys.stderr)
+    out = save_pretrained(model, args.output, overwrite=args.overwrite)
     print(f"[st-bitnet] converted and packed in {time.time() - start:.0f}s -> {out}")
     print(json.dumps(storage_report(out), indent=2))
     return 0
@@ -200,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a backbone to a packed BitNet embedder folder (untrained)")
     _add_model_args(p, model_required=False)
-    p.add_argument("output", help="output folder (loads with SentenceTransformer(output))")
+    p.add_argument("output", help="output folder (loads with SentenceTransformer(output)); must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is not empty (never the source)")
+    p.add_argument("--calibration-texts", default=None, metavar="FILE",
+                   help="fit the added norms on these texts (UTF-8, one per line; default: 64 built-in sentences)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("encode", help="encode sentences with a saved BitNet embedder")
@@ -228,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"st-bitnet {args.command}: error: {err}", file=sys.stderr)
         return 2
 
