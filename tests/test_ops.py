@@ -434,6 +434,34 @@ def test_cpu_kernel_fused_norm_rejects_other_dtypes():
         cpu_kernel.run_tile16(lib, torch.randn(2, 32), w, torch.ones(1), None, 4, torch.ones(31))
 
 
+def test_interrupted_or_fallback_build_never_cached_as_native(tmp_path, monkeypatch):
+    # A compile killed midway must not leave (or cache) a library; a build without -march=native (a compiler
+    # that rejects it) is cached under its own flags, so the native key still gets a real native build later.
+    cc = cpu_kernel._find_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("ST_BITNET_CACHE", str(tmp_path))
+    real_run = subprocess.run
+
+    def run_with(returncode):
+        def fake(cmd, *args, **kwargs):
+            if "-march=native" in cmd and "-o" in cmd:
+                return subprocess.CompletedProcess(cmd, returncode, "", "killed" if returncode < 0 else "unknown flag")
+            return real_run(cmd, *args, **kwargs)
+        return fake
+
+    native_key = cpu_kernel.library_path("native", cc, ["-march=native", "-fopenmp"])
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", run_with(-2))  # SIGINT during the native compile
+    with pytest.raises(cpu_kernel.CompileInterrupted):
+        cpu_kernel.build_library("native")
+    assert not list(native_key.parent.glob("*"))
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", run_with(1))  # the compiler rejects -march=native
+    fallback = cpu_kernel.build_library("native")
+    assert fallback.exists() and fallback != native_key and not native_key.exists()
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", real_run)
+    assert cpu_kernel.build_library("native") == native_key and native_key.exists()
+
+
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_find_compiler", lambda: None)
     monkeypatch.setattr(cpu_kernel, "_libs", {})
