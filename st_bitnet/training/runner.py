@@ -496,7 +496,9 @@ def run_recipe(
         raise RecipeError("overrides apply to recipe files; edit the Recipe object instead")
     trainer = build_trainer(recipe, extra_callbacks)
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else recipe.resume_from_checkpoint
-    output = trainer.train(resume_from_checkpoint=resume or None)
+    from .checkpoints import resolve_resume  # the newest *complete* checkpoint (a kill can leave a partial one)
+
+    output = trainer.train(resume_from_checkpoint=resolve_resume(resume or None, recipe.output_dir))
     results: dict[str, Any] = {"recipe": recipe.name, "train": dict(output.metrics), "global_step": output.global_step}
     if trainer.is_world_process_zero():
         model = trainer.model
