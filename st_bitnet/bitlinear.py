@@ -67,6 +67,21 @@ class _RoundClampSTE(torch.autograd.Function):
         return grad, None, None
 
 
+class _InferenceOnly(torch.autograd.Function):
+    """Identity forward; a backward pass through a packed layer raises a clear error (nothing there can train)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            "a packed BitLinear is inference-only (2-bit weights, no backward through its kernel): fine-tune the "
+            "latent model instead (before st_bitnet.pack / save_pretrained), e.g. with LoRA via st_bitnet.lora"
+        )
+
+
 def weight_scale_absmean(weight: torch.Tensor) -> torch.Tensor:
     """Per-tensor ternary scale ``1 / mean|W|`` in float32, shape ``(1,)``."""
     return (1.0 / weight.detach().float().abs().mean().clamp(min=1e-5)).reshape(1)
@@ -330,10 +345,11 @@ class BitLinear(nn.Module):
         if self.is_packed:
             impl = _PACKED_LINEAR_IMPL
             if impl is not None and getattr(impl, "applies_rms_norm", False):
-                return impl(self, x)  # the kernel fuses the norm into its activation quantization
-            if self.rms_norm is not None:
-                x = self.rms_norm(x)
-            return (impl or packed_linear_reference)(self, x)
+                y = impl(self, x)  # the kernel fuses the norm into its activation quantization
+            else:
+                y = (impl or packed_linear_reference)(self, x if self.rms_norm is None else self.rms_norm(x))
+            # same outcome whichever path ran: training through a packed layer fails at backward, with a reason
+            return _InferenceOnly.apply(y) if y.requires_grad else y
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         return self._qat_forward(x)
