@@ -257,8 +257,49 @@ def is_st_bitnet_save(folder: str | os.PathLike) -> bool:
         return False
 
 
+EMBEDDING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _store_token_embeddings(folder: Path, st_model, dtype_name: str) -> None:
+    """Rewrite the saved token-embedding table(s) of ``folder`` in ``dtype_name`` (transformers casts them back to
+    the model's dtype at load, so stock loaders read the folder unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dtype = EMBEDDING_DTYPES[dtype_name]
+    if dtype is None:
+        return
+    names = []
+    for model in transformers_models(st_model):
+        embedding = model.get_input_embeddings()
+        names += [n for n, p in model.named_parameters() if p is embedding.weight]
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    changed = 0
+    for file_name in files:
+        path = folder / file_name
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        hits = [k for k in tensors if any(k == n or k.endswith("." + n) for n in names)]
+        if not hits:
+            continue
+        for key in hits:
+            tensors[key] = tensors[key].to(dtype)
+        changed += len(hits)
+        save_file(tensors, str(path), metadata=metadata)
+    if not changed:
+        raise ValueError(f"embedding_dtype={dtype_name!r}: found no token-embedding table among the saved tensors")
+
+
 def save_pretrained(
-    st_model, path: str | os.PathLike, *, model_card: bool = True, overwrite: bool | None = None, **card_kwargs
+    st_model,
+    path: str | os.PathLike,
+    *,
+    model_card: bool = True,
+    overwrite: bool | None = None,
+    embedding_dtype: str = "float32",
+    **card_kwargs,
 ) -> Path:
     """Pack every BitLinear (in place) and save ``st_model`` to ``path`` for stock loaders.
 
@@ -273,6 +314,9 @@ def save_pretrained(
         model_card: write README.md.
         overwrite: ``True`` replaces any non-empty folder; ``False`` refuses every non-empty folder; ``None``
             (default) replaces a previous st_bitnet save only and refuses any other non-empty folder.
+        embedding_dtype: ``"float32"`` (default, exact) or ``"bfloat16"``: the token-embedding table stored at half
+            the bytes (often most of a small model's folder); loaders cast it back to float32, so embeddings change
+            by the bf16 rounding of the table only (relative error <= 2**-9 per entry).
         card_kwargs: passed to :func:`st_bitnet.model_card.write_model_card`.
 
     Returns:
@@ -286,11 +330,14 @@ def save_pretrained(
     path = Path(path)
     if not transformers_models(st_model):
         raise ValueError("save_pretrained expects a SentenceTransformer with a transformers module")
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {embedding_dtype!r}")
     if overwrite is None:
         overwrite = is_st_bitnet_save(path)
     with atomic_folder(path, overwrite=overwrite, sources=model_source_folders(st_model)) as tmp:
         pack(st_model)
         st_model.save(str(tmp))
+        _store_token_embeddings(tmp, st_model, embedding_dtype)
         if model_card:
             try:
                 from .model_card import write_model_card

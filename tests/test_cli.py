@@ -5,6 +5,8 @@ import pytest
 
 from st_bitnet.cli import build_parser, main, validate_sentences
 
+from conftest import SENTENCES
+
 
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -116,3 +118,28 @@ def test_convert_never_overwrites_without_asking(backbone_dirs, tmp_path, capsys
     assert main(["convert", str(src), str(out), "--norm", "none", "--overwrite"]) == 0
     assert not (out / "notes.txt").exists() and (out / "modules.json").exists()  # replaced whole: no stale files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_bf16_token_embeddings_shrink_the_folder_and_stay_close(backbone_dirs, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    reports, embeddings = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["convert", str(backbone_dirs["qwen3"]), str(out), "--norm", "none", "--embedding-dtype", dtype]) == 0
+        reports[dtype] = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+        assert main(["encode", str(out), *SENTENCES, "--output", str(tmp_path / f"{dtype}.npy")]) == 0
+        embeddings[dtype] = np.load(tmp_path / f"{dtype}.npy")
+        capsys.readouterr()
+    config = AutoConfig.from_pretrained(str(backbone_dirs["qwen3"]))
+    table = config.vocab_size * config.hidden_size
+    full, half = reports["float32"], reports["bfloat16"]
+    assert (full["token_embedding_dtype"], half["token_embedding_dtype"]) == ("F32", "BF16")
+    assert full["weight_bytes_by_kind"]["token_embeddings"] == 4 * table
+    assert half["weight_bytes_by_kind"]["token_embeddings"] == 2 * table
+    assert full["folder_bytes"] - half["folder_bytes"] >= 2 * table - 64  # safetensors header differences only
+    assert sum(half["weight_bytes_by_kind"].values()) <= half["folder_bytes"]
+    # stated tolerance: the bf16 table rounds each entry by <= 2**-9 relative; after the int8/ternary layers the
+    # unit-norm sentence embeddings stay within cosine 0.999 of the float32 folder's
+    cosine = (embeddings["float32"] * embeddings["bfloat16"]).sum(1)
+    assert cosine.min() > 0.999, cosine
