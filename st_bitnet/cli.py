@@ -193,9 +193,10 @@ def cmd_demo(args) -> int:
     config = _conversion_config(args)
     student = convert(teacher, config)  # in place: the FP embeddings are already computed
     if config.norm != "none":
-        from .calibration import calibrate_norms
+        from .calibration import calibrate_norms, default_calibration_sentences
 
-        calibrate_norms(student, DEMO_SENTENCES)  # fit the added norms so the untrained model stays close
+        # fit the added norms so the untrained model stays close (the same texts as `st-bitnet convert`)
+        calibrate_norms(student, default_calibration_sentences())
     from .sentence_transformer import save_pretrained
 
     out = save_pretrained(student, args.output, embedding_dtype=args.embedding_dtype)
