@@ -68,6 +68,21 @@ class _RoundClampSTE(torch.autograd.Function):
         return grad, None, None
 
 
+class _InferenceOnly(torch.autograd.Function):
+    """Identity forward; a backward pass through a packed layer raises a clear error (nothing there can train)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(
+            "a packed BitLinear is inference-only (2-bit weights, no backward through its kernel): fine-tune the "
+            "latent model instead (before st_bitnet.pack / save_pretrained), e.g. with LoRA via st_bitnet.lora"
+        )
+
+
 def weight_scale_absmean(weight: torch.Tensor) -> torch.Tensor:
     """Per-tensor ternary scale ``1 / mean|W|`` in float32, shape ``(1,)``."""
     return (1.0 / weight.detach().float().abs().mean().clamp(min=1e-5)).reshape(1)
@@ -86,9 +101,14 @@ def activation_scale_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 quantization: returns ``(x_q int8, x_scale fp32 of shape (..., 1))``."""
+    """Per-token absmax int8 quantization: returns ``(x_q int8, x_scale fp32 of shape (..., 1))``.
+
+    A token holding NaN or +-inf gets ``x_q = 0`` and a NaN (NaN input) or 0 (inf input) ``x_scale``, so its
+    outputs ``x_q @ W_q^T / (weight_scale * x_scale)`` are all NaN (``0 / NaN``, ``0 / 0``), as in the QAT
+    path. (Casting NaN to int8 is platform-defined; mapping it to 0 first keeps that result everywhere.)
+    """
     scale = activation_scale_absmax(x)
-    x_q = (x.float() * scale).round().clamp(-128, 127).to(torch.int8)
+    x_q = (x.float() * scale).round().clamp(-128, 127).nan_to_num(nan=0.0).to(torch.int8)
     return x_q, scale
 
 
@@ -330,10 +350,11 @@ class BitLinear(nn.Module):
         if self.is_packed:
             impl = self.packed_kernel
             if impl is not None and getattr(impl, "applies_rms_norm", False):
-                return impl(self, x)  # the kernel fuses the norm into its activation quantization
-            if self.rms_norm is not None:
-                x = self.rms_norm(x)
-            return (impl or packed_linear_reference)(self, x)
+                y = impl(self, x)  # the kernel fuses the norm into its activation quantization
+            else:
+                y = (impl or packed_linear_reference)(self, x if self.rms_norm is None else self.rms_norm(x))
+            # same outcome whichever path ran: training through a packed layer fails at backward, with a reason
+            return _InferenceOnly.apply(y) if y.requires_grad else y
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         return self._qat_forward(x)

@@ -52,12 +52,45 @@ def _build(model: str | None, args, convert_model: bool = True):
     )
 
 
-def cmd_convert(args) -> int:
-    from .sentence_transformer import save_pretrained
+def _looks_like_model_folder(path) -> bool:
+    folder = Path(path)
+    return any((folder / name).exists() for name in ("config.json", "modules.json", "model.safetensors"))
 
+
+def _calibration_texts(args, norm: str) -> list[str] | None:
+    """The texts that fit the added norms (None when the conversion adds none)."""
+    from .calibration import default_calibration_sentences, read_calibration_file
+
+    if norm == "none":
+        if args.calibration_texts:
+            raise ValueError("--calibration-texts has nothing to calibrate with --norm none (no norms are added)")
+        return None
+    if args.calibration_texts:
+        return read_calibration_file(args.calibration_texts)
+    return default_calibration_sentences()
+
+
+def cmd_convert(args) -> int:
+    from .atomic_folder import check_output
+    from .calibration import calibrate_norms
+    from .sentence_transformer import check_model_path, save_pretrained
+
+    if args.model is None and _looks_like_model_folder(args.output):
+        raise FileExistsError(
+            f"{args.output} holds a model and would be overwritten by a conversion of the default Gemma3-270M: "
+            "did you forget the output folder? usage: st-bitnet convert MODEL OUTPUT"
+        )
+    if args.model is not None:
+        check_model_path(args.model)
+    # refuse a bad output before the (minutes long) conversion, and never write into the source
+    check_output(args.output, overwrite=args.overwrite, sources=[args.model])
+    texts = _calibration_texts(args, args.norm)
     start = time.time()
     model = _build(args.model, args)
-    out = save_pretrained(model, args.output)
+    if texts is not None:
+        count = calibrate_norms(model, texts)
+        print(f"[st-bitnet] calibrated {count} norms on {len(texts)} texts", file=sys.stderr)
+    out = save_pretrained(model, args.output, overwrite=args.overwrite, embedding_dtype=args.embedding_dtype)
     print(f"[st-bitnet] converted and packed in {time.time() - start:.0f}s -> {out}")
     print(json.dumps(storage_report(out), indent=2))
     return 0
@@ -95,33 +128,53 @@ def cmd_encode(args) -> int:
     return 0
 
 
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F32": 4, "BF16": 2, "F16": 2, "I32": 4, "I64": 8, "F64": 8, "BOOL": 1}
+
+
 def storage_report(folder: Path) -> dict:
-    """Stored bytes of the packed projections vs what bf16 would take, from a saved folder."""
+    """What a saved folder stores: the packed projections vs what bf16 would take, and the bytes of every weight
+    by kind (packed projections with their scales and norms, token embeddings, everything else) next to the
+    folder's size on disk, so "bits per weight" is never read as the size of the whole model."""
     from safetensors import safe_open
 
-    config = json.loads((Path(folder) / "config.json").read_text())
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
     record = config.get("st_bitnet", {})
     prefix = "model." if config.get("model_type") == "bitembed" else ""
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    projections = [prefix + name + "." for name in record.get("converted_modules", [])]
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     packed_bytes, weights = 0, 0
-    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        for name in record.get("converted_modules", []):
-            for key in keys:
-                if key.startswith(prefix + name + "."):
-                    sl = f.get_slice(key)
-                    shape = sl.get_shape()
-                    numel = 1
-                    for d in shape:
-                        numel *= d
-                    item = {"U8": 1, "F32": 4, "BF16": 2, "F16": 2}.get(sl.get_dtype(), 4)
-                    packed_bytes += numel * item
-                    if key == prefix + name + ".weight":
+    by_kind = {"packed_projections": 0, "token_embeddings": 0, "other": 0}
+    embedding_dtypes = set()
+    for file_name in files:
+        with safe_open(str(folder / file_name), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape, dtype = sl.get_shape(), sl.get_dtype()
+                numel = 1
+                for d in shape:
+                    numel *= d
+                nbytes = numel * _DTYPE_BYTES.get(dtype, 4)
+                if any(key.startswith(p) for p in projections):
+                    by_kind["packed_projections"] += nbytes
+                    packed_bytes += nbytes
+                    if key.endswith(".weight") and key[: -len("weight")] in projections:
                         weights += shape[0] * 4 * shape[1]
+                elif len(shape) == 2 and vocab and shape[0] == vocab:
+                    by_kind["token_embeddings"] += nbytes
+                    embedding_dtypes.add(dtype)
+                else:
+                    by_kind["other"] += nbytes
     return {
         "projection_weights": weights,
         "projection_bytes_packed": packed_bytes,
         "projection_bytes_bf16": 2 * weights,
         "bits_per_weight": round(8 * packed_bytes / max(weights, 1), 3),
+        "weight_bytes_by_kind": by_kind,
+        "token_embedding_dtype": "/".join(sorted(embedding_dtypes)) or None,
+        "folder_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
     }
 
 
@@ -152,12 +205,13 @@ def cmd_convert_demo(args) -> int:
     config = _conversion_config(args)
     student = convert(teacher, config)  # in place: the FP embeddings are already computed
     if config.norm != "none":
-        from .calibration import calibrate_norms
+        from .calibration import calibrate_norms, default_calibration_sentences
 
-        calibrate_norms(student, DEMO_SENTENCES)  # fit the added norms so the untrained model stays close
+        # fit the added norms so the untrained model stays close (the same texts as `st-bitnet convert`)
+        calibrate_norms(student, default_calibration_sentences())
     from .sentence_transformer import save_pretrained
 
-    out = save_pretrained(student, args.output or "outputs/bitnet-gemma3-270m")
+    out = save_pretrained(student, args.output or "outputs/bitnet-gemma3-270m", embedding_dtype=args.embedding_dtype)
     bit = student.encode(DEMO_SENTENCES, convert_to_numpy=True)
     np.set_printoptions(precision=3, suppress=True)
     print("\ncosine similarities, full precision backbone:\n", fp @ fp.T)
@@ -179,7 +233,11 @@ def cmd_convert_demo(args) -> int:
     print("\nstorage per precision (embedding dim %d):" % dim)
     for row in rows:
         print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    print("\nprojection weights on disk:", json.dumps(storage_report(out)))
+    report = storage_report(out)
+    print("\nprojection weights on disk:", json.dumps({k: report[k] for k in list(report)[:4]}))
+    mib = {k: round(v / 2**20, 1) for k, v in report["weight_bytes_by_kind"].items()}
+    print(f"folder on disk: {report['folder_bytes'] / 2**20:.1f} MiB; weights by kind (MiB): {json.dumps(mib)} "
+          f"(token embeddings stored as {report['token_embedding_dtype']})")
     print(f"\n[st-bitnet] saved packed model to {out} ({time.time() - start:.0f}s total)")
     return 0
 
@@ -196,6 +254,8 @@ def _add_model_args(p, model_required: bool):
                    help="attention direction for decoders (default: keep the backbone's)")
     p.add_argument("--pooling", default=None, help="pooling mode (default: lasttoken for decoders, mean for encoders)")
     p.add_argument("--max-seq-length", type=int, default=None)
+    p.add_argument("--embedding-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="how the token-embedding table is stored (bfloat16: half the bytes, loads back as float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,12 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps only (checks the pipeline, not the quality)")
     p.add_argument("--output", default=None,
                    help="output folder (default: outputs/demo-minilm, or outputs/bitnet-gemma3-270m with --gemma3)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, embedding_dtype="bfloat16")
 
     p = sub.add_parser("convert", help="convert a backbone to a packed BitNet embedder folder (untrained)")
     _add_model_args(p, model_required=False)
-    p.add_argument("output", help="output folder (loads with SentenceTransformer(output))")
-    p.set_defaults(func=cmd_convert)
+    p.add_argument("output", help="output folder (loads with SentenceTransformer(output)); must be new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it is not empty (never the source)")
+    p.add_argument("--calibration-texts", default=None, metavar="FILE",
+                   help="fit the added norms on these texts (UTF-8, one per line; default: 64 built-in sentences)")
+    p.set_defaults(func=cmd_convert, embedding_dtype="float32")
 
     p = sub.add_parser("encode", help="encode sentences with a saved BitNet embedder")
     p.add_argument("model", help="saved folder or Hub id (st_bitnet or Microsoft bitnet-embedding format)")
@@ -254,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"st-bitnet {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -79,12 +79,86 @@ def materialize_gguf(folder: str | os.PathLike, gguf_file: str) -> Path:
     return target
 
 
+def looks_local(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hub id (``./x``, ``../x``, ``/x``, ``~/x``, ``x\\y``,
+    or a path whose first folder exists here)."""
+    text = str(name)
+    if text.startswith(("./", "../", "/", "~", ".\\", "..\\")) or text in (".", "..") or "\\" in text:
+        return True
+    first = Path(text).parts[0] if Path(text).parts else ""
+    return bool(first) and len(Path(text).parts) > 1 and Path(first).is_dir()
+
+
+def check_model_path(name: str | os.PathLike) -> None:
+    """Raise ``FileNotFoundError("folder not found ...")`` for a local-looking path that does not exist.
+
+    Without this a mistyped folder reaches the Hub client, which reports an invalid repository id.
+    """
+    path = Path(str(name)).expanduser()
+    if looks_local(name) and not path.exists():
+        existing = next((p for p in path.parents if p.exists()), None)
+        hint = f" ({existing} exists, {path.relative_to(existing)} does not)" if existing is not None else ""
+        raise FileNotFoundError(f"folder not found: {name}{hint}")
+
+
+def sentence_transformer_source(model_name_or_path: str) -> bool:
+    """Whether ``model_name_or_path`` is a sentence-transformers model (a folder or Hub repo with ``modules.json``)."""
+    local = Path(model_name_or_path).expanduser()
+    if local.exists():
+        return (local / "modules.json").is_file()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(model_name_or_path, "modules.json")
+    except Exception:  # offline, private, a plain transformers repo: build the modules ourselves
+        return False
+    return True
+
+
+def _backbone_modules(model_name_or_path, *, pooling, normalize, max_seq_length, model_kwargs, device):
+    """Modules and prompts for the embedder: a sentence-transformers source keeps its own modules and settings
+    (pooling mode, Normalize, max_seq_length, prompts) unless an argument overrides them; a raw backbone gets
+    Transformer + Pooling (last token for decoders, mean for encoders) + Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    if sentence_transformer_source(model_name_or_path):
+        source = SentenceTransformer(model_name_or_path, model_kwargs=model_kwargs, device=device)
+        modules = list(source)
+        if not modules or not isinstance(modules[0], Transformer):
+            raise ValueError(f"{model_name_or_path}: expected a Transformer as the first sentence-transformers module")
+        transformer = modules[0]
+        if max_seq_length is not None:
+            transformer.max_seq_length = max_seq_length
+        pools = [i for i, m in enumerate(modules) if isinstance(m, Pooling)]
+        if pooling is not None:
+            replacement = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)
+            if pools:
+                modules[pools[0]] = replacement
+            else:
+                modules.insert(1, replacement)
+        has_normalize = any(isinstance(m, Normalize) for m in modules)
+        if normalize is True and not has_normalize:
+            modules.append(Normalize())
+        elif normalize is False and has_normalize:
+            modules = [m for m in modules if not isinstance(m, Normalize)]
+        mode = next((m.pooling_mode for m in modules if isinstance(m, Pooling)), None)
+        return modules, dict(source.prompts or {}), mode
+    transformer = Transformer(model_name_or_path, model_kwargs=model_kwargs, max_seq_length=max_seq_length)
+    decoder = is_decoder_config(transformer.model.config)
+    pooling = pooling or (DECODER_POOLING if decoder else ENCODER_POOLING)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if normalize is None or normalize:
+        modules.append(Normalize())
+    return modules, {}, pooling
+
+
 def build_sentence_transformer(
     model_name_or_path: str,
     config: BitNetConversionConfig | None = None,
     *,
     pooling: str | None = None,
-    normalize: bool = True,
+    normalize: bool | None = None,
     max_seq_length: int | None = None,
     prompts: dict[str, str] | None = None,
     convert_model: bool = True,
@@ -96,12 +170,15 @@ def build_sentence_transformer(
     """A SentenceTransformer around ``model_name_or_path`` with its projections converted to BitLinear.
 
     Args:
-        model_name_or_path: Hub id or folder of a transformers backbone (``"Qwen/Qwen3-0.6B"``...).
+        model_name_or_path: Hub id or folder of a transformers backbone (``"Qwen/Qwen3-0.6B"``...) or of a
+            sentence-transformers model, whose own modules and settings (pooling mode, Normalize,
+            max_seq_length, prompts) are kept unless the arguments below override them.
         config: conversion settings (default :class:`BitNetConversionConfig`).
-        pooling: sentence-transformers pooling mode; default ``"lasttoken"`` for decoders, ``"mean"`` for encoders.
-        normalize: append ``Normalize`` (L2) - the default for cosine-similarity embedders.
-        max_seq_length: truncation length.
-        prompts: sentence-transformers prompts, e.g. ``{"query": "Instruct: ...\\nQuery: "}``.
+        pooling: sentence-transformers pooling mode; default: the source's, else ``"lasttoken"`` for decoders and
+            ``"mean"`` for encoders.
+        normalize: ``True`` appends ``Normalize`` (L2), ``False`` drops it; default: the source's, else ``True``.
+        max_seq_length: truncation length (default: the source's).
+        prompts: sentence-transformers prompts, e.g. ``{"query": "Instruct: ...\\nQuery: "}``, added to the source's.
         convert_model: ``False`` builds the full-precision embedder (a teacher) from the same backbone.
         calibration_sentences: fit the added norms on these texts (:func:`st_bitnet.calibrate_norms`); without
             them the norms start at ones, which changes a pretrained backbone's function a lot.
@@ -110,6 +187,12 @@ def build_sentence_transformer(
         model_kwargs: extra ``from_pretrained`` arguments for the backbone.
         device: where to put the model.
 
+    Returns:
+        The ``SentenceTransformer`` (BitLinear layers latent, trainable).
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist ("folder not found").
+
     Example::
 
         import st_bitnet
@@ -117,22 +200,20 @@ def build_sentence_transformer(
         model.encode(["BitNet embeddings are cheap to store."])
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
+    check_model_path(model_name_or_path)
     model_kwargs = dict(model_kwargs or {})
     if gguf_file is not None:
         model_name_or_path = str(materialize_gguf(model_name_or_path, gguf_file))
     model_kwargs.setdefault("dtype", torch.float32)
-    transformer = Transformer(model_name_or_path, model_kwargs=model_kwargs, max_seq_length=max_seq_length)
-    backbone_config = transformer.model.config
-    decoder = is_decoder_config(backbone_config)
-    pooling = pooling or (DECODER_POOLING if decoder else ENCODER_POOLING)
-    if pooling == "lasttoken":
+    modules, source_prompts, pooling_mode = _backbone_modules(
+        model_name_or_path, pooling=pooling, normalize=normalize, max_seq_length=max_seq_length,
+        model_kwargs=model_kwargs, device=device,
+    )
+    if pooling_mode == "lasttoken":
+        transformer = modules[0]
         _ensure_eos_appended(getattr(transformer, "tokenizer", None) or getattr(transformer, "processor", None))
-    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
-    if normalize:
-        modules.append(Normalize())
-    st_model = SentenceTransformer(modules=modules, prompts=prompts, device=device)
+    st_model = SentenceTransformer(modules=modules, prompts={**source_prompts, **(prompts or {})} or None, device=device)
     if convert_model:
         convert(st_model, config)
         if calibration_sentences and (config is None or config.norm != "none"):
@@ -140,27 +221,117 @@ def build_sentence_transformer(
     return st_model
 
 
-def save_pretrained(st_model, path: str | os.PathLike, *, model_card: bool = True, **card_kwargs) -> Path:
+def model_source_folders(st_model) -> list[Path]:
+    """The local folders ``st_model``'s transformers backbones were loaded from (outputs must not go there)."""
+    folders = []
+    for model in backbones(st_model):
+        name = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+        if name and Path(name).expanduser().is_dir():
+            folders.append(Path(name).expanduser())
+    return folders
+
+
+def is_st_bitnet_save(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a model written by :func:`save_pretrained` (its config carries the st_bitnet record)."""
+    config_path = Path(folder) / "config.json"
+    try:
+        return "st_bitnet" in json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+EMBEDDING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _store_token_embeddings(folder: Path, st_model, dtype_name: str) -> None:
+    """Rewrite the saved token-embedding table(s) of ``folder`` in ``dtype_name`` (transformers casts them back to
+    the model's dtype at load, so stock loaders read the folder unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dtype = EMBEDDING_DTYPES[dtype_name]
+    if dtype is None:
+        return
+    names = []
+    for model in backbones(st_model):
+        embedding = model.get_input_embeddings()
+        names += [n for n, p in model.named_parameters() if p is embedding.weight]
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    changed = 0
+    for file_name in files:
+        path = folder / file_name
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        hits = [k for k in tensors if any(k == n or k.endswith("." + n) for n in names)]
+        if not hits:
+            continue
+        for key in hits:
+            tensors[key] = tensors[key].to(dtype)
+        changed += len(hits)
+        save_file(tensors, str(path), metadata=metadata)
+    if not changed:
+        raise ValueError(f"embedding_dtype={dtype_name!r}: found no token-embedding table among the saved tensors")
+
+
+def save_pretrained(
+    st_model,
+    path: str | os.PathLike,
+    *,
+    model_card: bool = True,
+    overwrite: bool | None = None,
+    embedding_dtype: str = "float32",
+    **card_kwargs,
+) -> Path:
     """Pack every BitLinear (in place) and save ``st_model`` to ``path`` for stock loaders.
 
-    Embeddings after packing are identical to before in float32. Returns the folder. With ``model_card``, a
-    README.md describing the conversion is written (st_bitnet.model_card, when available).
+    Embeddings after packing are identical to before in float32. With ``model_card``, a README.md describing the
+    conversion is written (st_bitnet.model_card, when available). The folder is written under a temporary name
+    next to ``path`` and renamed into place at the end, so an interrupted save never leaves a half-written
+    folder and a replaced folder keeps no stale files; the folder the model was loaded from is never written.
+
+    Args:
+        st_model: a SentenceTransformer with a transformers module (BitLinear layers get packed).
+        path: the output folder.
+        model_card: write README.md.
+        overwrite: ``True`` replaces any non-empty folder; ``False`` refuses every non-empty folder; ``None``
+            (default) replaces a previous st_bitnet save only and refuses any other non-empty folder.
+        embedding_dtype: ``"float32"`` (default, exact) or ``"bfloat16"``: the token-embedding table stored at half
+            the bytes (often most of a small model's folder); loaders cast it back to float32, so embeddings change
+            by the bf16 rounding of the table only (relative error <= 2**-9 per entry).
+        card_kwargs: passed to :func:`st_bitnet.model_card.write_model_card`.
+
+    Returns:
+        The folder.
+
+    Raises:
+        st_bitnet.atomic_folder.OutputExistsError: ``path`` is not empty (see ``overwrite``) or is the source.
     """
+    from .atomic_folder import atomic_folder
+
     path = Path(path)
     if not backbones(st_model):
         raise ValueError("save_pretrained expects a SentenceTransformer with a transformers module")
-    pack(st_model)
-    st_model.save(str(path))
-    from .shipped_modules import ship_module_code
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {embedding_dtype!r}")
+    if overwrite is None:
+        overwrite = is_st_bitnet_save(path)
+    with atomic_folder(path, overwrite=overwrite, sources=model_source_folders(st_model)) as tmp:
+        pack(st_model)
+        st_model.save(str(tmp))
+        _store_token_embeddings(tmp, st_model, embedding_dtype)
+        from .shipped_modules import ship_module_code
 
-    ship_module_code(path)  # st_bitnet modules (MultiPrecisionQuantizer...) load with trust_remote_code=True
-    if model_card:
-        try:
-            from .model_card import write_model_card
-        except ImportError:
-            pass
-        else:
-            write_model_card(path, conversion=conversion_record(st_model), **card_kwargs)
+        ship_module_code(tmp)  # st_bitnet modules (MultiPrecisionQuantizer...) load with trust_remote_code=True
+        if model_card:
+            try:
+                from .model_card import write_model_card
+            except ImportError:
+                pass
+            else:
+                card_kwargs.setdefault("repo_id", str(path.resolve()))  # the card names the final folder
+                write_model_card(tmp, conversion=conversion_record(st_model), **card_kwargs)
     return path
 
 
@@ -228,7 +399,8 @@ def load(model_name_or_path: str, *, device: str | None = None, revision: str | 
     """
     from sentence_transformers import SentenceTransformer
 
-    local = Path(model_name_or_path)
+    check_model_path(model_name_or_path)
+    local = Path(model_name_or_path).expanduser()
     if not local.exists():
         from huggingface_hub import snapshot_download
 

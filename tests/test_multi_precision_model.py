@@ -235,6 +235,56 @@ def test_encode_save_load_search_round_trip(mp_model, tmp_path):
         index.search(encode(mp_model, ["A person plays guitar."], precision="4bit"))
 
 
+DOCUMENTS = SENTENCES + ["A cat sleeps on the sofa.", "The central bank raised interest rates.", "Rain flooded the town."]
+QUERIES = ["A person plays guitar.", "Equities tumbled.", "Interest rates went up."]
+
+
+def test_index_from_model_uses_one_calibration_for_queries_and_corpus(plain_model, tmp_path):
+    # A model without a trained quantizer: the index measures post-hoc ranges once, on the corpus, and queries
+    # reuse them; queries calibrated on their own batch are refused instead of silently re-scaling every score.
+    index = MultiPrecisionIndex.from_model(plain_model, DOCUMENTS, precision="8bit", first_stage_bits=1, backend="numpy")
+    queries = index.encode_queries(plain_model, QUERIES)
+    assert queries.calibration == index.corpus.calibration == index.quantizer.fingerprint()
+    results, _ = index.search(queries, top_k=3, rescore_multiplier=3)
+    floats_q, floats_d = plain_model.encode(QUERIES), plain_model.encode(DOCUMENTS)
+    want = index.quantizer.quantize(floats_q, 8).similarity(index.quantizer.quantize(floats_d, 8))
+    for row, hits in zip(want, results):
+        np.testing.assert_allclose([h["score"] for h in hits], np.sort(row)[::-1][:3], atol=1e-9)
+    own_batch = encode(plain_model, QUERIES, precision="8bit")  # ranges measured on the 3 queries
+    assert own_batch.calibration != index.corpus.calibration
+    with pytest.raises(ValueError, match="other ranges than the index"):
+        index.search(own_batch, top_k=3)
+    separately = encode(plain_model, DOCUMENTS, precision="8bit")  # the misuse: corpus and queries calibrated apart
+    with pytest.raises(ValueError, match="other ranges than the index"):
+        MultiPrecisionIndex(separately, backend="numpy").search(own_batch, top_k=3)
+    index.save(tmp_path / "index")  # the post-hoc ranges travel with the index
+    loaded = MultiPrecisionIndex.load(tmp_path / "index")
+    assert loaded.quantizer.fingerprint() == index.quantizer.fingerprint()
+    again, _ = loaded.search(loaded.encode_queries(plain_model, QUERIES), top_k=3, rescore_multiplier=3)
+    assert again == results
+
+
+def test_trained_quantizer_codes_carry_its_fingerprint(mp_model, tmp_path):
+    codes = encode(mp_model, SENTENCES, precision="8bit")
+    assert codes.calibration == find_quantizer(mp_model).fingerprint()
+    assert codes.to_bits(1).calibration == codes.calibration and codes[1:3].calibration == codes.calibration
+    codes.save(tmp_path / "c.safetensors")
+    assert QuantizedEmbeddings.load(tmp_path / "c.safetensors").calibration == codes.calibration
+    index = MultiPrecisionIndex(codes, backend="numpy")
+    index.search(encode(mp_model, QUERIES, precision="8bit"), top_k=2)  # same quantizer: accepted
+
+
+def test_mp_encode_refuses_sentence_transformers_precisions(mp_model, tmp_path, capsys):
+    from st_bitnet.cli import main
+
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    for name in ("binary", "ubinary", "int8"):
+        assert main(["mp-encode", "no-model-needed", str(tmp_path / "in.txt"), str(tmp_path / "o.safetensors"),
+                     "--precision", name]) == 2  # fmt: skip
+        assert "1bit" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 # ---- MultiPrecisionLoss -----------------------------------------------------------------------------------------------------
 def _features(model, texts):
     return model.tokenize(texts)

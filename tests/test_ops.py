@@ -235,6 +235,82 @@ def test_cpu_kernel_fuzz_bit_exact(variant):
         assert torch.equal(got, want), f"{variant}: mismatch at M={m} K={k} N={n} (case {i})"
 
 
+_NONFINITE_PATTERNS = (
+    [float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")], [float("nan"), float("inf")],
+    [float("nan"), -float("inf"), float("inf")],
+)
+
+
+def _poison_rows(g, x):
+    """Put NaN / +inf / -inf / mixes at random positions of random rows of ``x`` (in place); returns the rows."""
+    m, k = x.shape
+    rows = torch.randperm(m, generator=g)[: max(1, m // 3)].tolist() if m else []
+    for row in rows:
+        values = _NONFINITE_PATTERNS[int(torch.randint(len(_NONFINITE_PATTERNS), (1,), generator=g))][:k]
+        x[row, torch.randperm(k, generator=g)[: len(values)]] = torch.tensor(values)
+    return rows
+
+
+def _assert_identical(got, want, msg):
+    """Same values bit for bit, NaN at the same positions."""
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=msg)
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_cpu_kernel_nonfinite_rows_match_reference(variant, fused_norm):
+    # A token holding NaN or +-inf gives an all-NaN output row in the reference (and in QAT); every build
+    # variant, with and without the fused norm, must give the same, and leave the other rows untouched.
+    lib = cpu_kernel.load_library(variant)
+    if lib is None:
+        pytest.skip(f"no C compiler for the {variant} CPU kernel")
+    g = torch.Generator().manual_seed(33)
+    for i in range(150):
+        m = int(torch.randint(1, 13, (1,), generator=g))
+        k = int(torch.randint(1, 150, (1,), generator=g))
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        x, w, ws, b = _random_problem(g, m, k, n, bias=bool(i % 2))
+        rows = _poison_rows(g, x)
+        if fused_norm:
+            norm_w = torch.rand(k, generator=g) + 0.5
+            got = cpu_kernel.run_tile16(lib, x, pack_tile16(w), ws, b, n, norm_w, 1e-6)
+            want = _normed_reference(x, norm_w, 1e-6, w, ws, b)
+        else:
+            got = cpu_kernel.run_tile16(lib, x, pack_tile16(w), ws, b, n)
+            want = ternary_linear_reference(x, w, ws, b)
+        assert want[rows].isnan().all()
+        _assert_identical(got, want, f"{variant} fused={fused_norm}: M={m} K={k} N={n} rows {rows} (case {i})")
+
+
+def test_packed_bitlinear_nonfinite_inputs_every_path():
+    # the module paths (fused C call, unfused op, bf16, the reference switch) and the latent QAT layer agree
+    g = torch.Generator().manual_seed(8)
+    latent = BitLinear(64, 24, bias=True)
+    with torch.no_grad():
+        latent.rms_norm.weight.uniform_(0.5, 1.5, generator=g)
+    x = torch.randn(10, 64, generator=g)
+    rows = _poison_rows(g, x)
+    with torch.no_grad():
+        want_qat = latent(x)
+    layer = latent.eval().pack_()
+    want = _reference_forward(layer, x)
+    assert want[rows].isnan().all() and not want[[r for r in range(10) if r not in rows]].isnan().any()
+    _assert_identical(want_qat, want, "QAT vs packed reference")
+    with torch.inference_mode():
+        _assert_identical(layer(x), want, "fused C path")
+    _assert_identical(layer(x.clone().requires_grad_(True)).detach(), want, "unfused op path")
+    set_kernel_mode("reference")
+    _assert_identical(layer(x), want, "reference switch")
+    set_kernel_mode(None)
+    half = layer.to(torch.bfloat16)
+    _assert_identical(half(x.bfloat16()), _reference_forward(half, x.bfloat16()), "bf16")
+    plain = BitLinear(64, 24, use_rms_norm=False).eval().pack_()  # no norm: the raw NaN/inf reach the kernel
+    with torch.inference_mode():
+        got = plain(x)
+    assert got[rows].isnan().all()
+    _assert_identical(got, _reference_forward(plain, x), "no norm")
+
+
 def test_cpu_kernel_large_k_bounds():
     # K large enough to need several int16 -> int32 widenings (AVX2) with |x_q| = 127 everywhere and all
     # weights +1 (largest sums): checks the overflow argument at its worst case.
@@ -356,6 +432,34 @@ def test_cpu_kernel_fused_norm_rejects_other_dtypes():
         cpu_kernel.run_tile16(lib, torch.randn(2, 32).bfloat16(), w, torch.ones(1), None, 4, torch.ones(32))
     with pytest.raises(ValueError, match="fused norm"):
         cpu_kernel.run_tile16(lib, torch.randn(2, 32), w, torch.ones(1), None, 4, torch.ones(31))
+
+
+def test_interrupted_or_fallback_build_never_cached_as_native(tmp_path, monkeypatch):
+    # A compile killed midway must not leave (or cache) a library; a build without -march=native (a compiler
+    # that rejects it) is cached under its own flags, so the native key still gets a real native build later.
+    cc = cpu_kernel._find_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("ST_BITNET_CACHE", str(tmp_path))
+    real_run = subprocess.run
+
+    def run_with(returncode):
+        def fake(cmd, *args, **kwargs):
+            if "-march=native" in cmd and "-o" in cmd:
+                return subprocess.CompletedProcess(cmd, returncode, "", "killed" if returncode < 0 else "unknown flag")
+            return real_run(cmd, *args, **kwargs)
+        return fake
+
+    native_key = cpu_kernel.library_path("native", cc, ["-march=native", "-fopenmp"])
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", run_with(-2))  # SIGINT during the native compile
+    with pytest.raises(cpu_kernel.CompileInterrupted):
+        cpu_kernel.build_library("native")
+    assert not list(native_key.parent.glob("*"))
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", run_with(1))  # the compiler rejects -march=native
+    fallback = cpu_kernel.build_library("native")
+    assert fallback.exists() and fallback != native_key and not native_key.exists()
+    monkeypatch.setattr(cpu_kernel.subprocess, "run", real_run)
+    assert cpu_kernel.build_library("native") == native_key and native_key.exists()
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):

@@ -76,6 +76,19 @@ try:
     raise AssertionError("corrupt 2-bit codes were accepted")
 except ValueError as e:
     assert "code 3" in str(e)
+
+# 4. rows holding NaN / +inf / -inf / a mix: identical to the reference, NaN positions included
+g = torch.Generator().manual_seed(4)
+for layout in ("int8", "packed2"):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, ws, b = problem(g, 9, 70, 21, dtype)
+        for row, values in enumerate(([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")],
+                                      [float("nan"), float("inf")])):
+            x[2 * row % 9, torch.randperm(70, generator=g)[: len(values)]] = torch.tensor(values, dtype=dtype)
+        got = tk.ternary_linear_triton(x, to_layout(w, layout), ws, b, 21, layout)
+        want = ternary_linear_reference(x, w, ws, b)
+        assert want.isnan().any(dim=-1).sum() == 5
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=f"non-finite rows {layout} {dtype}")
 print("ok")
 """
 
@@ -131,3 +144,22 @@ def test_cuda_packed_bitlinear_dispatch_and_opcheck():
     x = torch.randn(5, 640, device="cuda")
     for layout, w in (("int8", state["int8"]), ("packed2", state["packed2"])):
         torch.library.opcheck(torch.ops.st_bitnet.ternary_linear, (x, w, layer.weight_scale, layer.bias, 1024, layout))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("layout", ["int8", "packed2"])
+def test_cuda_op_nonfinite_rows(layout):
+    # rows holding NaN / +-inf: all-NaN outputs exactly where the reference has them, other rows bit-exact
+    register_kernels()
+    op = torch.ops.st_bitnet.ternary_linear
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, ws, b = _problem(g, 40, 640, 96, dtype, bias=True)
+        for row, value in enumerate((float("nan"), float("inf"), -float("inf"))):
+            x[3 * row, 7 * row + 1] = value
+        x[20, 5], x[20, 9] = float("inf"), -float("inf")
+        got = op(x.cuda(), to_layout(w, layout).cuda(), ws.cuda(), b.cuda(), 96, layout).cpu()
+        want = ternary_linear_reference(x, w, ws, b)
+        assert want.isnan().any(dim=-1).sum() == 4
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

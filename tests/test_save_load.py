@@ -1,11 +1,13 @@
 """Saved BitNet embedders reload exactly, in fresh processes, with and without st_bitnet."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from sentence_transformers import SentenceTransformer
 
 import st_bitnet
 from st_bitnet import BitNetConversionConfig
@@ -123,3 +125,77 @@ def test_unknown_model_type_raises(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "not_a_real_arch"}))
     with pytest.raises(ValueError, match="not_a_real_arch"):
         st_bitnet.convert(str(tmp_path))
+
+
+def test_save_pretrained_refuses_foreign_folders_and_replaces_its_own(backbone_dirs, tmp_path):
+    from st_bitnet.atomic_folder import OutputExistsError
+
+    model = build_sentence_transformer(str(backbone_dirs["qwen3"]), BitNetConversionConfig())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("1,2,3")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        save_pretrained(model, foreign)
+    assert (foreign / "data.csv").read_text() == "1,2,3" and len(list(foreign.iterdir())) == 1
+    out = save_pretrained(model, tmp_path / "saved")
+    (out / "stale.bin").write_bytes(b"old")
+    save_pretrained(model, out)  # a previous st_bitnet save is replaced whole (default overwrite=None)
+    assert not (out / "stale.bin").exists() and (out / "config.json").exists()
+    with pytest.raises(OutputExistsError, match="not empty"):
+        save_pretrained(model, out, overwrite=False)
+    with pytest.raises(OutputExistsError, match="source model"):
+        save_pretrained(model, backbone_dirs["qwen3"], overwrite=True)
+    save_pretrained(model, foreign, overwrite=True)
+    assert not (foreign / "data.csv").exists()
+
+
+def test_save_pretrained_interrupted_leaves_no_half_written_folder(backbone_dirs, tmp_path, monkeypatch):
+    model = build_sentence_transformer(str(backbone_dirs["qwen3"]), BitNetConversionConfig())
+    out = save_pretrained(model, tmp_path / "saved")
+    before = sorted(p.name for p in out.iterdir())
+    real_save = type(model).save
+
+    def killed_midway(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)
+        (Path(path) / "model.safetensors").write_bytes(b"\0" * 10)  # half-written weights
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, out)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, tmp_path / "fresh")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == before and not (tmp_path / "fresh").exists()
+    assert SentenceTransformer(str(out)).encode(["the cat sat"]).shape == (1, 64)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_build_keeps_a_sentence_transformers_source_settings(backbone_dirs, tmp_path):
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    transformer = Transformer(str(backbone_dirs["bert"]), max_seq_length=17)
+    source = SentenceTransformer(
+        modules=[transformer, Pooling(64, pooling_mode="cls")], prompts={"query": "query: "}
+    )
+    folder = tmp_path / "st_source"
+    source.save(str(folder))
+    model = build_sentence_transformer(str(folder), BitNetConversionConfig(norm="none"))
+    assert model.max_seq_length == 17 and model.prompts.get("query") == "query: "
+    assert [m.pooling_mode for m in model if isinstance(m, Pooling)] == ["cls"]
+    assert not any(isinstance(m, Normalize) for m in model)
+    assert any(isinstance(m, st_bitnet.BitLinear) for m in model.modules())
+    # explicit arguments still win
+    tuned = build_sentence_transformer(str(folder), pooling="mean", normalize=True, max_seq_length=9,
+                                       prompts={"doc": "passage: "}, convert_model=False)  # fmt: skip
+    assert tuned.max_seq_length == 9 and tuned.prompts["doc"] == "passage: " and tuned.prompts["query"] == "query: "
+    assert [m.pooling_mode for m in tuned if isinstance(m, Pooling)] == ["mean"]
+    assert isinstance(list(tuned)[-1], Normalize)
+
+
+def test_missing_local_folder_says_folder_not_found(tmp_path):
+    for name in ("./no-such-model-folder", str(tmp_path / "missing" / "model"), "~/no-such-model-folder"):
+        with pytest.raises(FileNotFoundError, match="folder not found"):
+            load(name)
+        with pytest.raises(FileNotFoundError, match="folder not found"):
+            build_sentence_transformer(name)

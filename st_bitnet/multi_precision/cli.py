@@ -13,7 +13,14 @@ def _encode_command(args: argparse.Namespace) -> int:
     from sentence_transformers import SentenceTransformer
 
     from .encode import encode
+    from .precision import is_st_precision, resolve_bits
 
+    if is_st_precision(args.precision):
+        raise ValueError(
+            f"mp-encode writes multi-precision codes; --precision {args.precision} is a sentence-transformers name "
+            "(a numpy array, not codes). Use 1bit (sign bits, like binary / ubinary), 2bit, 4bit, 8bit or 16bit."
+        )
+    resolve_bits(args.precision)  # unknown names fail before the model loads
     with open(args.input, encoding="utf-8") as handle:
         texts = [line.rstrip("\n") for line in handle if line.strip()]
     model = SentenceTransformer(args.model, device=args.device, trust_remote_code=args.trust_remote_code)

@@ -29,6 +29,9 @@ class QuantizedEmbeddings:
         codes: ``(n, bytes_per_vector)`` packed codes (``np.uint8``) or ``(n, dim)`` ``np.float16`` values.
         bits: 16, 8, 4, 2 or 1.
         dim: The embedding dimension (needed to unpack: the last byte may be padding).
+        calibration: Fingerprint of the quantizer ranges that produced low-bit codes
+            (:meth:`MultiPrecisionQuantizer.fingerprint`), None when unknown or for 16 bits. Codes compare only
+            under the same ranges; :class:`MultiPrecisionIndex` refuses queries calibrated differently.
 
     Example:
         ::
@@ -45,6 +48,7 @@ class QuantizedEmbeddings:
     codes: np.ndarray
     bits: int
     dim: int
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         bits = resolve_bits(self.bits)
@@ -66,7 +70,7 @@ class QuantizedEmbeddings:
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_codes(cls, codes: np.ndarray, bits: int) -> QuantizedEmbeddings:
+    def from_codes(cls, codes: np.ndarray, bits: int, calibration: str | None = None) -> QuantizedEmbeddings:
         """Pack unpacked ``(n, dim)`` integer codes (or wrap ``(n, dim)`` float values for 16 bits)."""
         bits = resolve_bits(bits)
         codes = np.asarray(codes)
@@ -74,7 +78,7 @@ class QuantizedEmbeddings:
             raise ValueError(f"Expected a 2-D (n, dim) array, got shape {codes.shape}.")
         if bits == 16:
             return cls(codes.astype(np.float16), 16, codes.shape[1])
-        return cls(pack_codes(codes, bits), bits, codes.shape[1])
+        return cls(pack_codes(codes, bits), bits, codes.shape[1], calibration)
 
     # ---- views ---------------------------------------------------------------------------------------------------
     @property
@@ -101,7 +105,7 @@ class QuantizedEmbeddings:
         codes = self.codes[rows]
         if codes.ndim == 1:
             codes = codes[None, :]
-        return QuantizedEmbeddings(np.ascontiguousarray(codes), self.bits, self.dim)
+        return QuantizedEmbeddings(np.ascontiguousarray(codes), self.bits, self.dim, self.calibration)
 
     def __repr__(self) -> str:
         return f"QuantizedEmbeddings(n={len(self)}, dim={self.dim}, precision={self.precision!r}, nbytes={self.nbytes})"
@@ -137,7 +141,7 @@ class QuantizedEmbeddings:
                 "16-bit embeddings are float values with no nested integer codes; encode at the lower precision "
                 "(the quantizer's ranges are needed) instead of reducing them."
             )
-        return QuantizedEmbeddings.from_codes(reduce_codes(self.unpacked(), self.bits, bits), bits)
+        return QuantizedEmbeddings.from_codes(reduce_codes(self.unpacked(), self.bits, bits), bits, self.calibration)
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     def similarity(self, other: QuantizedEmbeddings, metric: str = "cosine") -> np.ndarray:
@@ -150,6 +154,8 @@ class QuantizedEmbeddings:
         from safetensors.numpy import save_file
 
         metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "bits": str(self.bits), "dim": str(self.dim)}
+        if self.calibration is not None:
+            metadata["calibration"] = self.calibration
         save_file({"codes": np.ascontiguousarray(self.codes)}, os.fspath(path), metadata=metadata)
 
     @classmethod
@@ -166,7 +172,7 @@ class QuantizedEmbeddings:
             if int(metadata.get("version", "0")) > FORMAT_VERSION:
                 raise ValueError(f"{os.fspath(path)} was written by a newer st_bitnet (format {metadata['version']}).")
             codes = handle.get_tensor("codes")
-        return cls(codes, int(metadata["bits"]), int(metadata["dim"]))
+        return cls(codes, int(metadata["bits"]), int(metadata["dim"]), metadata.get("calibration"))
 
 
 def as_quantized(value, name: str = "embeddings") -> QuantizedEmbeddings:

@@ -308,9 +308,22 @@ class MultiPrecisionQuantizer(SafetensorsModuleIO, Module):
         if rotation is not None:
             x = x @ rotation.detach().double().cpu().numpy()
         z = (x - offset) / scale
+        fingerprint = self.fingerprint()
         if bits == 1:
-            return QuantizedEmbeddings.from_codes(self._binary_rule(x, z).astype(np.uint8), 1)
-        return QuantizedEmbeddings.from_codes(codes_from_normalized(z, bits), bits)
+            return QuantizedEmbeddings.from_codes(self._binary_rule(x, z).astype(np.uint8), 1, fingerprint)
+        return QuantizedEmbeddings.from_codes(codes_from_normalized(z, bits), bits, fingerprint)
+
+    def fingerprint(self) -> str:
+        """A short hash of what the codes depend on (ranges, rotation, 1-bit rule): codes quantized by two
+        quantizers are comparable only when their fingerprints are equal."""
+        import hashlib
+
+        digest = hashlib.sha256(self.binary_threshold.encode())
+        with torch.no_grad():
+            tensors = [self.offset, self.log_scale] + ([self.rotation_matrix()] if self.rotation else [])
+            for tensor in tensors:
+                digest.update(tensor.detach().double().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def get_embedding_dimension(self) -> int:
         return self.embedding_dimension

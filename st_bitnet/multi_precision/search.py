@@ -16,6 +16,7 @@ from .quantized_embeddings import QuantizedEmbeddings, as_quantized, similarity
 Backend = Literal["faiss", "usearch", "numpy"]
 BACKENDS = ("faiss", "usearch", "numpy")
 INDEX_CONFIG = "multi_precision_index.json"
+QUANTIZER_FOLDER = "quantizer"
 
 
 class MultiPrecisionIndex:
@@ -29,6 +30,12 @@ class MultiPrecisionIndex:
     With an 8-bit store from a trained (nested) quantizer the first-stage codes are the top bits of the stored
     codes, so only one index is kept; a 16-bit store needs its first-stage codes passed explicitly.
 
+    Queries must be quantized with the corpus' ranges. A model with a trained :class:`MultiPrecisionQuantizer`
+    always uses its own; for a model without one, build the index with :meth:`from_model` (post-hoc ranges
+    measured once, on the corpus) and encode queries with :meth:`encode_queries` (the same ranges). Codes carry a
+    fingerprint of their ranges, and :meth:`search` refuses queries quantized with other ranges (e.g. calibrated on
+    the query batch itself), which would silently change every score.
+
     Args:
         corpus: The rescoring store: 8-bit (or 16-bit, 4-bit) :class:`QuantizedEmbeddings`.
         first_stage_bits: 1 or 2.
@@ -36,14 +43,15 @@ class MultiPrecisionIndex:
             post-hoc 1-bit signs that are not nested in post-hoc 8-bit codes).
         backend: ``"faiss"``, ``"usearch"`` or ``"numpy"`` for the 1-bit stage (2 bits always uses numpy).
         exact: Exhaustive search (True) or an approximate HNSW graph (False; faiss / usearch).
+        quantizer: The quantizer that produced the corpus codes (kept for :meth:`encode_queries` and saved).
 
     Example:
         ::
 
-            from st_bitnet.multi_precision import MultiPrecisionIndex, encode
+            from st_bitnet.multi_precision import MultiPrecisionIndex
 
-            index = MultiPrecisionIndex(encode(model, documents, precision="8bit"), first_stage_bits=1)
-            results, seconds = index.search(encode(model, queries, precision="8bit"), top_k=10)
+            index = MultiPrecisionIndex.from_model(model, documents, precision="8bit", first_stage_bits=1)
+            results, seconds = index.search(index.encode_queries(model, queries), top_k=10)
             index.save("scifact_index")
             index = MultiPrecisionIndex.load("scifact_index")
     """
@@ -55,6 +63,7 @@ class MultiPrecisionIndex:
         first_stage: QuantizedEmbeddings | None = None,
         backend: Backend = "faiss",
         exact: bool = True,
+        quantizer=None,
     ) -> None:
         corpus = as_quantized(corpus, "corpus")
         first_stage_bits = resolve_bits(first_stage_bits)
@@ -77,12 +86,72 @@ class MultiPrecisionIndex:
             )
         if corpus.bits <= first_stage_bits:
             raise ValueError(f"The rescoring store ({corpus.precision}) must be wider than the first stage.")
+        if quantizer is not None and corpus.bits != 16 and corpus.calibration not in (None, quantizer.fingerprint()):
+            raise ValueError("the corpus codes were not quantized by the given quantizer (their range fingerprints differ)")
+        self.quantizer = quantizer
         self.corpus = corpus
         self.first_stage = first_stage
         self.first_stage_bits = first_stage_bits
         self.backend = backend if first_stage_bits == 1 else "numpy"
         self.exact = exact
         self._index = self._build_first_stage()
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        documents: list[str],
+        precision: int | str = "8bit",
+        first_stage_bits: int | str = 1,
+        backend: Backend = "faiss",
+        exact: bool = True,
+        **encode_kwargs,
+    ) -> MultiPrecisionIndex:
+        """Encode ``documents`` and index them with one calibration: the model's trained quantizer, or post-hoc
+        ranges measured on these documents (kept as ``index.quantizer`` for :meth:`encode_queries`).
+
+        Args:
+            model: A SentenceTransformer.
+            documents: The corpus texts.
+            precision: The rescoring store's precision (8bit, 4bit; 16bit also encodes the first-stage codes, and its
+                searches then need ``first_stage_queries=encode(model, texts, precision="1bit",
+                quantizer=index.quantizer)``).
+            first_stage_bits / backend / exact: As for the constructor.
+            **encode_kwargs: Passed to ``model.encode`` (``batch_size``, ``prompt_name``...).
+        """
+        from .encode import _float_embeddings, find_quantizer, posthoc_quantizer
+
+        quantizer = find_quantizer(model)
+        if quantizer is None:
+            floats = _float_embeddings(model, documents, dict(encode_kwargs), has_quantizer=False)
+            quantizer = posthoc_quantizer(floats)
+        else:
+            floats = _float_embeddings(model, documents, dict(encode_kwargs), has_quantizer=True)
+        store = quantizer.quantize(floats, precision)
+        # 8/4-bit stores derive the first stage from their top bits (queries too); 16-bit stores need its codes
+        first_stage = quantizer.quantize(floats, first_stage_bits) if store.bits == 16 else None
+        return cls(store, first_stage_bits, first_stage=first_stage, backend=backend, exact=exact, quantizer=quantizer)
+
+    def encode_queries(self, model, queries: list[str], **encode_kwargs) -> QuantizedEmbeddings:
+        """Queries at the store's precision, quantized with the corpus' ranges (``self.quantizer``)."""
+        from .encode import encode
+
+        if self.quantizer is None:
+            raise ValueError(
+                "this index does not know the corpus' quantizer: build it with MultiPrecisionIndex.from_model, or pass "
+                "quantizer= to the constructor"
+            )
+        return encode(model, queries, precision=self.corpus.precision, quantizer=self.quantizer, **encode_kwargs)
+
+    def _check_calibration(self, name: str, queries: QuantizedEmbeddings, stored: QuantizedEmbeddings) -> None:
+        if queries.bits == 16 or queries.calibration is None or stored.calibration is None:
+            return  # float values, or codes from before fingerprints: nothing to compare
+        if queries.calibration != stored.calibration:
+            raise ValueError(
+                f"{name} were quantized with other ranges than the index (fingerprint {queries.calibration} vs "
+                f"{stored.calibration}): their scores would silently change. Encode them with the corpus' quantizer: "
+                "index.encode_queries(model, texts), or encode(model, texts, precision=..., quantizer=index.quantizer)."
+            )
 
     # ---- first stage ---------------------------------------------------------------------------------------------
     def _build_first_stage(self):
@@ -176,6 +245,7 @@ class MultiPrecisionIndex:
             )
         if top_k < 1 or rescore_multiplier < 1:
             raise ValueError("top_k and rescore_multiplier must be >= 1.")
+        self._check_calibration("queries", queries, self.corpus)
         if first_stage_queries is None:
             if queries.bits == 16:
                 raise ValueError("16-bit queries need first_stage_queries (their 1-bit / 2-bit codes).")
@@ -186,6 +256,7 @@ class MultiPrecisionIndex:
                 f"first_stage_queries must be {len(queries)} {PRECISION_NAMES[self.first_stage_bits]} codes, got "
                 f"{len(first_stage_queries)} {first_stage_queries.precision}."
             )
+        self._check_calibration("first_stage_queries", first_stage_queries, self.first_stage)
         start = time.perf_counter()
         n_candidates = top_k * rescore_multiplier if rescore else top_k
         candidates = self._first_stage_search(first_stage_queries, n_candidates)
@@ -220,6 +291,10 @@ class MultiPrecisionIndex:
         self.corpus.save(os.path.join(folder, "rescore_store.safetensors"))
         self.first_stage.save(os.path.join(folder, "first_stage.safetensors"))
         config = {"first_stage_bits": self.first_stage_bits, "backend": self.backend, "exact": self.exact}
+        if self.quantizer is not None:
+            config["quantizer"] = QUANTIZER_FOLDER
+            os.makedirs(os.path.join(folder, QUANTIZER_FOLDER), exist_ok=True)
+            self.quantizer.save(os.path.join(folder, QUANTIZER_FOLDER))
         with open(os.path.join(folder, INDEX_CONFIG), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)
 
@@ -230,12 +305,18 @@ class MultiPrecisionIndex:
             raise FileNotFoundError(f"{folder} holds no {INDEX_CONFIG}; was it written by MultiPrecisionIndex.save?")
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
+        quantizer = None
+        if config.get("quantizer"):
+            from .quantizer import MultiPrecisionQuantizer
+
+            quantizer = MultiPrecisionQuantizer.load(os.path.join(folder, config["quantizer"]))
         return cls(
             QuantizedEmbeddings.load(os.path.join(folder, "rescore_store.safetensors")),
             first_stage_bits=config["first_stage_bits"],
             first_stage=QuantizedEmbeddings.load(os.path.join(folder, "first_stage.safetensors")),
             backend=backend or config["backend"],
             exact=config["exact"],
+            quantizer=quantizer,
         )
 
 

@@ -91,26 +91,38 @@ def _variant_flags(variant: str) -> list[str]:
     raise ValueError(f"unknown CPU kernel variant {variant!r}; expected one of {VARIANTS}")
 
 
-def _compile(cc: str, flags: list[str], out: Path) -> None:
-    base = [cc, "-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
-    last_err = ""
-    # OpenMP first; without it the kernel runs single-threaded (e.g. Apple clang without libomp).
+_BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+
+
+class CompileInterrupted(RuntimeError):
+    """The compiler was killed (a signal, e.g. Ctrl-C): no fallback build is tried or cached."""
+
+
+def _build_attempts(flags: list[str]) -> list[list[str]]:
+    """Flag sets to try, best first: OpenMP, then without (e.g. Apple clang without libomp); the variant's
+    ``-march`` flags, then without them (compilers that do not know ``-march=native``)."""
+    attempts = []
     for omp in (["-fopenmp"], []):
         for march in (flags, [f for f in flags if not f.startswith("-march")]):
-            cmd = [*base, *march, *omp, str(SOURCE), "-o", str(out), "-lm"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                return
-            last_err = f"{' '.join(cmd)}\n{proc.stderr[-2000:]}"
-    raise RuntimeError(f"compiling the CPU kernel failed:\n{last_err}")
+            if [*march, *omp] not in attempts:
+                attempts.append([*march, *omp])
+    return attempts
 
 
-def build_library(variant: str = "native") -> Path:
-    """Compile (or find in the cache) the kernel library for ``variant``; returns the ``.so`` path."""
-    cc = _find_compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
-    flags = _variant_flags(variant)
+def _compile(cc: str, flags: list[str], out: Path) -> str | None:
+    """Compile with exactly ``flags``; returns None on success, else the compiler's error text."""
+    cmd = [cc, *_BASE_FLAGS, *flags, str(SOURCE), "-o", str(out), "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:
+        raise CompileInterrupted(f"the compiler was killed by signal {-proc.returncode}: {' '.join(cmd)}")
+    if proc.returncode == 0:
+        return None
+    return f"{' '.join(cmd)}\n{proc.stderr[-2000:]}"
+
+
+def library_path(variant: str, cc: str, flags: list[str]) -> Path:
+    """Cache file of the library built by ``cc`` with exactly ``flags`` (the key covers source, compiler, flags,
+    CPU and ABI, so a fallback build never sits under the key of the flags it could not use)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(
         b"\0".join(
@@ -119,20 +131,37 @@ def build_library(variant: str = "native") -> Path:
         )
     ).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else ".so"
-    out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"ternary_linear_cpu-{variant}-{key}{suffix}"
-    if not target.exists():
-        # build under a temporary name, then rename: concurrent processes never load a half-written file
-        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=suffix, dir=out_dir)
+    return cache_dir() / f"ternary_linear_cpu-{variant}-{key}{suffix}"
+
+
+def build_library(variant: str = "native") -> Path:
+    """Compile (or find in the cache) the kernel library for ``variant``; returns the ``.so`` path.
+
+    Flag sets are tried best first (:func:`_build_attempts`); a cached library counts only for the flags it was
+    built with, and a compile killed midway raises :class:`CompileInterrupted` instead of falling back.
+    """
+    cc = _find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    errors = []
+    for flags in _build_attempts(_variant_flags(variant)):
+        target = library_path(variant, cc, flags)
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build under a temporary name, then rename: no process ever loads (or caches) a half-written file
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=target.suffix, dir=target.parent)
         os.close(fd)
         try:
-            _compile(cc, flags, Path(tmp))
-            os.replace(tmp, target)
+            error = _compile(cc, flags, Path(tmp))
+            if error is None:
+                os.replace(tmp, target)
+                return target
+            errors.append(error)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return target
+    raise RuntimeError(f"compiling the CPU kernel failed:\n{errors[-1]}")
 
 
 def _bind(path: Path):

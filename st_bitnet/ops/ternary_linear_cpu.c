@@ -32,9 +32,14 @@
  *   Python expression 127.0 / t as t.reciprocal() * 127); q = clamp(nearbyint(x * x_scale), -128, 127);
  *   y = (float)acc / (weight_scale * x_scale) [+ bias]   (division, not a reciprocal multiply).
  *
+ * Non-finite rows: a row holding NaN or +-inf (after the optional norm) gets x_scale = NaN and x_q = 0, so
+ * every output of that token is NaN, as in the reference (whose NaN x_scale, or inf * 0 = NaN, poisons the
+ * row). max() alone would drop a NaN, so the absmax pass also tracks "some |x| > FLT_MAX or unordered".
+ *
  * Optionally BitLinear's RMSNorm is fused into the quantization pass (x -> w_norm * (x * rsqrt(mean(x^2) + eps)),
  * see "Fused RMSNorm" below), bit-exact with st_bitnet.bitlinear.BitRMSNorm followed by the reference.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -192,6 +197,13 @@ ST_ALWAYS_INLINE float row_scale(float amax) {
     return r * 127.0f;
 }
 
+/* A row holding NaN or +-inf: all codes 0 and x_scale NaN, so every output of the row is NaN. */
+static void nonfinite_row(int64_t Kp, int8_t *q, float *xs, int32_t *xsum) {
+    memset(q, 0, (size_t)Kp);
+    *xs = NAN;
+    *xsum = 0;
+}
+
 /* The value quantize_row reads at k: x[k], or the normalized nw[k] * (x[k] * r). */
 ST_ALWAYS_INLINE float norm_value(const float *x, int64_t k, const st_norm *nm, const int has_norm) {
     return has_norm ? nm->nw[k] * (x[k] * nm->r) : x[k];
@@ -200,9 +212,15 @@ ST_ALWAYS_INLINE float norm_value(const float *x, int64_t k, const st_norm *nm, 
 ST_ALWAYS_INLINE void quantize_row_scalar_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm,
                                                const int has_norm, int8_t *q, float *xs, int32_t *xsum) {
     float amax = 0.0f;
+    int bad = 0;
     for (int64_t k = 0; k < K; ++k) {
         float a = fabsf(norm_value(x, k, nm, has_norm));
+        bad |= !(a <= FLT_MAX); /* NaN or inf */
         amax = a > amax ? a : amax;
+    }
+    if (bad) {
+        nonfinite_row(Kp, q, xs, xsum);
+        return;
     }
     const float s = row_scale(amax);
     int32_t sum = 0;
@@ -229,9 +247,17 @@ ST_ALWAYS_INLINE __m512 load_normed16(const float *x, int64_t k, __mmask16 m, co
 ST_ALWAYS_INLINE void quantize_row_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm, const int has_norm,
                                         int8_t *q, float *xs, int32_t *xsum) {
     __m512 vmax = _mm512_setzero_ps();
+    const __m512 fmax = _mm512_set1_ps(FLT_MAX);
+    __mmask16 bad = 0;
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
-        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_normed16(x, k, m, nm, has_norm)));
+        const __m512 a = _mm512_abs_ps(load_normed16(x, k, m, nm, has_norm));
+        bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ); /* NaN or inf */
+        vmax = _mm512_max_ps(vmax, a);
+    }
+    if (bad) {
+        nonfinite_row(Kp, q, xs, xsum);
+        return;
     }
     const float s = row_scale(_mm512_reduce_max_ps(vmax));
     const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
@@ -259,16 +285,27 @@ ST_ALWAYS_INLINE __m256 load_normed8(const float *x, int64_t k, const st_norm *n
 ST_ALWAYS_INLINE void quantize_row_impl(const float *x, int64_t K, int64_t Kp, const st_norm *nm, const int has_norm,
                                         int8_t *q, float *xs, int32_t *xsum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 vmax = _mm256_setzero_ps();
+    const __m256 fmax = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, load_normed8(x, k, nm, has_norm)));
+    for (; k + 8 <= K; k += 8) {
+        const __m256 a = _mm256_andnot_ps(sign, load_normed8(x, k, nm, has_norm));
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ)); /* NaN or inf */
+        vmax = _mm256_max_ps(vmax, a);
+    }
     float lanes[8];
     _mm256_storeu_ps(lanes, vmax);
     float amax = 0.0f;
+    int bad = _mm256_movemask_ps(vbad) != 0;
     for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
     for (; k < K; ++k) {
         float a = fabsf(norm_value(x, k, nm, has_norm));
+        bad |= !(a <= FLT_MAX);
         amax = a > amax ? a : amax;
+    }
+    if (bad) {
+        nonfinite_row(Kp, q, xs, xsum);
+        return;
     }
     const float s = row_scale(amax);
     const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);

@@ -4,7 +4,8 @@ Two passes, both bit-exact with the reference:
 
 1. ``_quantize_rows``: one program per token: absmax, ``x_scale = (1 / absmax) * 127`` (IEEE division,
    ``div_rn``; torch evaluates ``127 / t`` as ``t.reciprocal() * 127``), ``x_q = rne(x * x_scale)``
-   clamped to [-128, 127]. Rounding uses the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact RNE
+   clamped to [-128, 127]; a row holding NaN or +-inf gets ``x_q = 0`` and a NaN scale (all its outputs
+   NaN, as in the reference). Rounding uses the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact RNE
    for ``|v| < 2**22``); kernels launch with ``enable_fp_fusion=False`` so ``x * x_scale`` is rounded
    to float32 before, as in torch, and never contracted into an FMA.
 2. A GEMM with the rescale fused in its epilogue, ``y = float(acc) / (weight_scale * x_scale) (+ bias)``
@@ -33,6 +34,7 @@ from .weight_cache import WeightCache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
+_FLT_MAX = 3.4028234663852886e38
 
 
 @triton.jit
@@ -41,17 +43,23 @@ def _quantize_rows(x_ptr, xq_ptr, xs_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.c
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
+        # NaN or +-inf (maximum may drop a NaN): the row's outputs are NaN, as in the reference
+        bad = bad | (~(tl.abs(v) <= _FLT_MAX)).to(tl.int32)
+    row_bad = tl.max(bad, axis=0) > 0
     a = tl.maximum(tl.max(amax, axis=0), 1e-5)
     s = tl.math.div_rn(1.0, a) * 127.0
+    s = tl.where(row_bad, float("nan"), s)
     for k0 in range(0, K, BLOCK_K):
         m = k0 + offs < K
         v = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
         q = v * s
         q = (q + _RNE_MAGIC) - _RNE_MAGIC
         q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+        q = tl.where(row_bad, 0.0, q)
         tl.store(xq_ptr + row * stride_qm + k0 + offs, q.to(tl.int8), mask=m)
     tl.store(xs_ptr + row, s)
 

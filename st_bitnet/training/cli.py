@@ -62,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _configure(argparse.ArgumentParser(prog="python -m st_bitnet.training", description=__doc__))
     args = parser.parse_args(argv)
     from .recipe import RecipeError
+    from .checkpoints import ResumeError
     from .datasets import DatasetConfigError
     from st_bitnet.teacher import TokenizerMismatchError
 
     try:
         return args.func(args)
-    except (RecipeError, DatasetConfigError, TokenizerMismatchError) as error:
+    except (RecipeError, DatasetConfigError, TokenizerMismatchError, ResumeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -363,6 +363,98 @@ def _expand(value: Any) -> Any:
     return value
 
 
+# Keys of a loss component the runner consumes itself (not passed to the loss class).
+LOSS_RECIPE_KEYS = {"type", "weight", "multi_precision", "precompute_teacher_scores", "teacher"}
+# Top-level and model options with one expected type (checked at parse time, so --check catches them).
+TYPED_OPTIONS = {
+    "name": str, "seed": int, "output_dir": str, "description": str, "training": dict, "prompts": dict,
+    "model.convert": bool, "model.pack": bool, "model.calibrate_norms": int, "model.max_seq_length": int,
+    "model.trust_remote_code": bool, "model.conversion": dict, "model.lora": dict,
+}  # fmt: skip
+
+
+def _type_ok(value, expected) -> bool:
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def check_option_types(raw: dict, where: str = "") -> None:
+    """Raise for a top-level or model option of the wrong type (see :data:`TYPED_OPTIONS`)."""
+    for dotted, expected in TYPED_OPTIONS.items():
+        section, _, key = dotted.rpartition(".")
+        holder = raw.get(section) if section else raw
+        if isinstance(holder, dict) and holder.get(key) is not None and not _type_ok(holder[key], expected):
+            raise RecipeError(
+                f"{dotted}{where} must be a {expected.__name__}, got {type(holder[key]).__name__} {holder[key]!r}"
+            )
+
+
+def check_training_options(training: dict, where: str = "") -> None:
+    """Raise for a ``training`` key that ``SentenceTransformerTrainingArguments`` does not have, or a value whose
+    type does not match the field's default (e.g. YAML reads ``learning_rate: 2e-5`` as a string)."""
+    import dataclasses
+
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
+    unknown = sorted(set(training) - set(fields))
+    if unknown:
+        raise RecipeError(f"unknown training option(s) {unknown}{where} (SentenceTransformerTrainingArguments fields)")
+    for key, value in training.items():
+        default = fields[key].default
+        # numeric fields take any number (several int-default fields also take ratios); bools must be bools
+        expected = bool if isinstance(default, bool) else float if isinstance(default, (int, float)) else None
+        if expected is not None and value is not None and not _type_ok(value, expected):
+            hint = " (YAML reads 2e-5 as text: write 2.0e-5)" if isinstance(value, str) and expected is float else ""
+            kind = "true or false" if expected is bool else "a number"
+            raise RecipeError(
+                f"training.{key}{where} must be {kind} (default {default!r}), got {type(value).__name__} {value!r}{hint}"
+            )
+
+
+def check_loss_arguments(name: str, component: dict, where: str = "") -> None:
+    """Raise for a loss component whose type is unknown, whose keys the loss class does not take, or whose
+    values have the wrong type for the class's defaults (``weight`` must be a number). Nested components
+    (``{type: ...}`` values) are checked too."""
+    import inspect
+
+    from .runner import loss_class
+
+    if not isinstance(component["type"], str):
+        raise RecipeError(f"loss component {name!r}{where}: 'type' must be a class name, got {component['type']!r}")
+    cls = loss_class(component["type"])
+    if "weight" in component and not _type_ok(component["weight"], float):
+        raise RecipeError(f"loss component {name!r}{where}: weight must be a number, got {component['weight']!r}")
+    parameters = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    known = [k for k in parameters if k not in ("self", "model")]
+    for key, value in component.items():
+        if key in LOSS_RECIPE_KEYS:
+            continue
+        if key not in parameters and not takes_any:
+            raise RecipeError(
+                f"loss component {name!r} ({component['type']}){where}: unknown argument {key!r}; "
+                f"{component['type']} takes {sorted(known)}"
+            )
+        if isinstance(value, dict) and "type" in value:
+            check_loss_arguments(f"{name}.{key}", value, where)
+            continue
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        expected = type(default) if isinstance(default, (bool, int, float, str)) else None
+        if expected is int:
+            expected = float  # an int default still takes 0.5 (scale=20 -> 20.5)
+        if expected is not None and value is not None and not _type_ok(value, expected):
+            raise RecipeError(
+                f"loss component {name!r} ({component['type']}){where}: {key} must be a {expected.__name__} "
+                f"(default {default!r}), got {type(value).__name__} {value!r}"
+            )
+
+
 def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     """Validate a raw recipe dict into a :class:`Recipe` (no model or data is loaded)."""
     if not isinstance(raw, dict):
@@ -375,6 +467,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     for required in ("model", "datasets", "loss", "output_dir"):
         if not raw.get(required):
             raise RecipeError(f"the recipe{where} has no {required!r} section")
+    check_option_types(raw, where)
     model = dict(raw["model"])
     if "path" not in model:
         raise RecipeError(f"model.path is missing{where}")
@@ -413,6 +506,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     for name, component in loss.items():
         if not isinstance(component, dict) or "type" not in component:
             raise RecipeError(f"loss component {name!r}{where} needs a 'type'")
+        check_loss_arguments(name, component, where)
         parse_loss_multi_precision(name, component, model["multi_precision"], where)
         nested = [v["type"] for v in component.values() if isinstance(v, dict) and "type" in v]
         if "teacher" in component and component["teacher"] != "self":
@@ -441,6 +535,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     training = dict(raw.get("training") or {})
     if "output_dir" in training:
         raise RecipeError("set output_dir at the top level of the recipe, not under training")
+    check_training_options(training, where)
     return Recipe(
         name=str(raw.get("name") or (Path(source).stem if source else "recipe")),
         output_dir=str(raw["output_dir"]),

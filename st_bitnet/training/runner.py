@@ -591,8 +591,11 @@ def run_recipe(
     elif overrides:
         raise RecipeError("overrides apply to recipe files; edit the Recipe object instead")
     resume = resume_from_checkpoint if resume_from_checkpoint is not None else recipe.resume_from_checkpoint
+    from .checkpoints import resolve_resume  # the newest *complete* checkpoint (a kill can leave a partial one)
+
+    resume = resolve_resume(resume or None, recipe.output_dir)
     trainer = build_trainer(recipe, extra_callbacks, warm_start=not resume)
-    output = trainer.train(resume_from_checkpoint=resume or None)
+    output = trainer.train(resume_from_checkpoint=resume)
     results: dict[str, Any] = {"recipe": recipe.name, "train": dict(output.metrics), "global_step": output.global_step}
     if trainer.is_world_process_zero():
         model = trainer.model
