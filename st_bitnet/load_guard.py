@@ -136,7 +136,7 @@ def check_loaded_bitnet_model(model, loading_info: dict, source) -> None:
         loading_info: transformers' ``output_loading_info`` dict (``missing_keys``, ``unexpected_keys``...).
         source: the path or Hub id it came from (for the messages).
     """
-    from .convert import _BLOCK_RE
+    from .introspection import BLOCK_NAME_RE as _BLOCK_RE
     from .microsoft import _PROJ_NORM_RE
 
     unexpected = sorted(loading_info.get("unexpected_keys") or [])

@@ -7,31 +7,18 @@ work for any attention kernel and any wrapper that keeps the module names (a Sen
 
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 from torch import Tensor
 
-from .qkv_capture import _unwrap
-
-# A numbered transformer block: ``...layers.7``, ``...layer.3``, ``...h.0``, ``...blocks.11``.
-_BLOCK_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)$")
+from st_bitnet.introspection import transformer_layers
 
 
 def find_transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model`` in depth order (the first backbone found, if several)."""
-    blocks: dict[str, dict[int, nn.Module]] = {}
-    for name, module in _unwrap(model).named_modules():
-        match = _BLOCK_RE.search(name)
-        if match:
-            blocks.setdefault(name[: match.start(1)], {})[int(match.group(1))] = module
-    if not blocks:
-        raise ValueError(
-            f"could not find numbered transformer blocks in {type(_unwrap(model)).__name__} "
-            "(looked for modules named layers.N / layer.N / h.N / blocks.N)"
-        )
-    first = next(iter(blocks.values()))
-    return [first[i] for i in sorted(first)]
+    """The transformer blocks of ``model`` (a SentenceTransformer, a backbone, or a wrapped one) in depth order."""
+    try:
+        return list(transformer_layers(model))
+    except LookupError as error:
+        raise ValueError(str(error)) from None
 
 
 def resolve_layers(layers, depth: int) -> list[int]:
