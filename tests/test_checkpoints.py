@@ -55,7 +55,7 @@ def test_run_recipe_hands_the_trainer_the_complete_checkpoint(tmp_path, monkeypa
             seen["resume"] = resume_from_checkpoint
             raise KeyboardInterrupt  # stop here: only the checkpoint choice is under test
 
-    monkeypatch.setattr(runner, "build_trainer", lambda recipe, callbacks=None: Trainer())
+    monkeypatch.setattr(runner, "build_trainer", lambda recipe, callbacks=None, warm_start=True: Trainer())
     recipe = parse_recipe({"output_dir": str(tmp_path), "model": {"path": "x"}, "datasets": [{"name": "stsb"}],
                            "loss": {"l": {"type": "MultipleNegativesRankingLoss"}}})  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
