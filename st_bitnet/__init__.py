@@ -17,6 +17,10 @@ from .sentence_transformer import build_sentence_transformer, load, save_pretrai
 from .version import __version__
 
 _register_with_transformers()
+# Always on: BitNet folders load right through stock calls (AutoModel / SentenceTransformer) or fail loudly.
+from .load_guard import install as _install_load_guard  # noqa: E402
+
+_install_load_guard()
 
 # Packed BitLinear layers run st_bitnet's kernels (CPU C kernel built at first use, Triton on CUDA at first
 # CUDA call; nothing is compiled or initialised here). ST_BITNET_KERNEL=reference forces the reference.

@@ -58,8 +58,4 @@ def register() -> None:
         from .hf_quantizer import StBitNetHfQuantizer
 
         quantizer_auto.AUTO_QUANTIZER_MAPPING["bitnet"] = StBitNetHfQuantizer
-    # Always on (whatever the hook setting): BitNet folders load right through stock calls or fail loudly.
-    from .load_guard import install as install_load_guard
-
-    install_load_guard()
     _REGISTERED = True

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .shards import atomic_write_bytes
+from .files import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "st_bitnet.corpus_codes"

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..multi_precision import PRECISION_NAMES, QuantizedEmbeddings, packed_width
+from .files import TEMP_SUFFIX, atomic_write_bytes, fsync_directory  # noqa: F401 (re-exported)
 
 SHARD_DIR = "shards"
 SHARD_METADATA_KEY = b"st_bitnet.shard"
-TEMP_SUFFIX = ".tmp"
 
 
 def shard_name(index: int) -> str:
@@ -29,29 +29,6 @@ def shard_name(index: int) -> str:
 def column_name(bits: int) -> str:
     """``float16`` for 16 bits, else ``codes_<n>bit``."""
     return "float16" if bits == 16 else f"codes_{PRECISION_NAMES[bits]}"
-
-
-def fsync_directory(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a temporary file, fsync and rename: never a half-written file."""
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    with open(temp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_directory(path.parent)
 
 
 def write_shard(path: Path, ids: list[str], columns: dict[int, np.ndarray], dim: int, metadata: dict) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .datasets import DatasetSpec, check_spec
+from .errors import RecipeError
 
 TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", "prompts", "loss", "training",
                   "evaluation", "resume_from_checkpoint", "description", "warm_start", "hard_negatives"}  # fmt: skip
@@ -72,10 +73,6 @@ LOSS_MULTI_PRECISION_KEYS = {"precisions", "precision_weights", "n_precisions_pe
 # Components that cannot be wrapped: no output embedding to quantize, or already multi-precision.
 NOT_MULTI_PRECISION_WRAPPABLE = {"AttentionRelationDistillationLoss", "HiddenStateDistillationLoss", "MultiPrecisionLoss",
                                  "MultiPrecisionSimilarityDistillationLoss"}
-
-
-class RecipeError(ValueError):
-    """The recipe is malformed; raised before any model or dataset is loaded."""
 
 
 @dataclass
@@ -394,6 +391,10 @@ def check_option_types(raw: dict, where: str = "") -> None:
             )
 
 
+# training keys the runner consumes itself (not SentenceTransformerTrainingArguments fields)
+RUNNER_TRAINING_KEYS = ("time_budget_minutes",)
+
+
 def check_training_options(training: dict, where: str = "") -> None:
     """Raise for a ``training`` key that ``SentenceTransformerTrainingArguments`` does not have, or a value whose
     type does not match the field's default (e.g. YAML reads ``learning_rate: 2e-5`` as a string)."""
@@ -402,10 +403,16 @@ def check_training_options(training: dict, where: str = "") -> None:
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     fields = {f.name: f for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
-    unknown = sorted(set(training) - set(fields))
+    unknown = sorted(set(training) - set(fields) - set(RUNNER_TRAINING_KEYS))
     if unknown:
-        raise RecipeError(f"unknown training option(s) {unknown}{where} (SentenceTransformerTrainingArguments fields)")
+        raise RecipeError(f"unknown training option(s) {unknown}{where} (SentenceTransformerTrainingArguments fields, "
+                          f"or the runner's {sorted(RUNNER_TRAINING_KEYS)})")
+    budget = training.get("time_budget_minutes")
+    if budget is not None and (not _type_ok(budget, float) or not budget > 0):
+        raise RecipeError(f"training.time_budget_minutes{where} must be a positive number of minutes, got {budget!r}")
     for key, value in training.items():
+        if key in RUNNER_TRAINING_KEYS or (key == "bf16" and value == "auto"):  # bf16: auto is resolved at run time
+            continue
         default = fields[key].default
         # numeric fields take any number (several int-default fields also take ratios); bools must be bools
         expected = bool if isinstance(default, bool) else float if isinstance(default, (int, float)) else None
@@ -423,7 +430,7 @@ def check_loss_arguments(name: str, component: dict, where: str = "") -> None:
     (``{type: ...}`` values) are checked too."""
     import inspect
 
-    from .runner import loss_class
+    from .loss_types import loss_class
 
     if not isinstance(component["type"], str):
         raise RecipeError(f"loss component {name!r}{where}: 'type' must be a class name, got {component['type']!r}")

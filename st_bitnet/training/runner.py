@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .callbacks import LossLogCallback, TimeBudgetCallback
+from .loss_types import loss_class  # noqa: F401 (part of the runner's API)
 from .datasets import load_training_datasets
 from .recipe import MultiPrecisionSpec, Recipe, RecipeError, load_recipe, parse_freeze, parse_multi_precision
 
@@ -280,16 +281,6 @@ def load_teacher(recipe: Recipe, student):
         device = str(student.device)
     model = load_embedder(recipe.teacher, "teacher", device=device)
     return FrozenTeacher(model, device=device, dtype=dtype, student=student)
-
-
-def loss_class(name: str):
-    import st_bitnet.losses as ours
-    from sentence_transformers.sentence_transformer import losses as theirs
-
-    for namespace in (ours, theirs):
-        if hasattr(namespace, name):
-            return getattr(namespace, name)
-    raise RecipeError(f"unknown loss type {name!r}: use a class of st_bitnet.losses or sentence-transformers' losses")
 
 
 def _instantiate_loss(name: str, params: dict, student, teacher, model_spec=None):
