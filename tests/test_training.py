@@ -270,3 +270,19 @@ def test_bf16_setting_resolves_and_reaches_the_loss(tmp_path, tiny_model_dir, pa
     raw["training"].update(bf16="auto", max_steps=1, save_strategy="no")
     run_recipe(parse_recipe(raw))
     assert seen and all(seen)  # the student's projections ran under bf16 autocast
+
+
+def test_autocast_forward_wraps_and_unwraps():
+    import torch
+
+    from st_bitnet.training.mixed_precision import autocast_forward, remove_autocast_forward
+
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    exact = layer(x)
+    autocast_forward(layer)
+    out = layer(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, exact)  # computed in bf16, handed back as float32
+    assert torch.allclose(out, exact, atol=5e-2)
+    remove_autocast_forward(layer)
+    assert torch.equal(layer(x), exact)

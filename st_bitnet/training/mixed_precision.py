@@ -90,3 +90,11 @@ def autocast_forward(module: torch.nn.Module) -> torch.nn.Module:
     module.forward = autocast_wrapped
     module._st_bitnet_autocast = True
     return module
+
+
+def remove_autocast_forward(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`autocast_forward` (the module's own forward again); a no-op on an unwrapped module."""
+    if getattr(module, "_st_bitnet_autocast", False):
+        del module.forward  # the instance attribute; the class's forward shows through again
+        del module._st_bitnet_autocast
+    return module

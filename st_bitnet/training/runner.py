@@ -588,6 +588,12 @@ def run_recipe(
     trainer = build_trainer(recipe, extra_callbacks, warm_start=not resume)
     output = trainer.train(resume_from_checkpoint=resume)
     results: dict[str, Any] = {"recipe": recipe.name, "train": dict(output.metrics), "global_step": output.global_step}
+    from st_bitnet.introspection import transformer_modules
+
+    from .mixed_precision import remove_autocast_forward
+
+    for module in transformer_modules(trainer.model):  # evaluate and save the model as users will run it
+        remove_autocast_forward(module)
     if trainer.is_world_process_zero():
         model = trainer.model
         final_dir = Path(recipe.output_dir) / "final"
