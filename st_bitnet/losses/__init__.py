@@ -4,8 +4,9 @@ Contrastive pre-training / fine-tuning reuses sentence-transformers' InfoNCE los
 ``MultipleNegativesRankingLoss`` (in-batch + hard negatives) and ``CachedMultipleNegativesRankingLoss``
 (GradCache, for batches larger than memory allows). st_bitnet adds the two distillation losses and their
 weighted combination (one shared forward pass, every component logged), the multi-precision output loss
-(``MultiPrecisionLoss``, which can also be a component of the combination) and the two components of the issue #8
-ablation: ``PairSimilarityDistillationLoss`` (in-batch KL over (anchor, positive) only) and
+(``MultiPrecisionLoss``, which can also be a component of the combination), the hidden-state loss
+(``HiddenStateDistillationLoss``, every block's token states) and two more distillation components:
+``PairSimilarityDistillationLoss`` (in-batch KL over (anchor, positive) only) and
 ``MultiPrecisionSimilarityDistillationLoss`` (similarity KD of the 8/4/2/1-bit outputs).
 """
 

@@ -12,7 +12,7 @@ class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
     """``mean_rows ||s - t||^2`` per column, averaged over the columns, against a frozen live teacher.
 
     With unit-norm embeddings ``||s - t||^2 = 2 - 2 cos(s, t)``: it pulls every student embedding onto the
-    teacher's, which the CPU ablation (notes/quality.md) found to recover a naive BitNet conversion fastest,
+    teacher's, which a CPU ablation (experiments/quality_ablation) found to recover a naive BitNet conversion fastest,
     together with the in-batch similarity KL. It shares the teacher plumbing of
     :class:`SimilarityDistributionDistillationLoss` (so :class:`WeightedCombinationLoss` gives it the shared teacher
     embeddings); the similarity arguments of that class are unused.

@@ -27,7 +27,7 @@ class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
 
     References:
         - Hinton et al., Distilling the Knowledge in a Neural Network, https://arxiv.org/abs/1503.02531
-        - notes/quality.md: the issue #8 "plain distillation" baseline (MSE + this in-batch KL).
+        - The "plain distillation" baseline of ``recipes/minilm_plain_kd.yaml`` is embedding MSE + an in-batch KL.
 
     Inputs:
         +--------------------------------------------+--------+
