@@ -35,11 +35,12 @@ class LossLogCallback(TrainerCallback):
 
 
 class TimeBudgetCallback(TrainerCallback):
-    """Stop training (with a checkpoint) once this process has trained for ``minutes`` of wall clock.
+    """Stop training (with a checkpoint) once ``minutes`` of training wall clock are spent.
 
-    A safety net for a stated budget: the learning-rate schedule still follows ``max_steps``, so size
-    ``max_steps`` to the budget and let this stop only an unexpectedly slow run. A resumed run gets the budget
-    afresh.
+    With a :class:`~st_bitnet.training.schedules.WallClockSchedule` learning rate (``decay_over_time_budget``)
+    the schedule's clock decides, so the stop comes when the learning rate reaches zero and a resumed run only
+    gets what is left of the budget. Otherwise this process's own clock decides (a resumed run gets the budget
+    afresh) and the schedule follows ``max_steps``: a safety net for an unexpectedly slow run.
     """
 
     def __init__(self, minutes: float):
@@ -51,8 +52,16 @@ class TimeBudgetCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.monotonic() - self.start >= self.seconds and not control.should_training_stop:
+    def _spent(self, lr_scheduler) -> bool:
+        from .schedules import WallClockSchedule
+
+        schedules = [f for f in getattr(lr_scheduler, "lr_lambdas", []) if isinstance(f, WallClockSchedule)]
+        if schedules:
+            return schedules[0].budget_spent()
+        return self.start is not None and time.monotonic() - self.start >= self.seconds
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        if not control.should_training_stop and self._spent(lr_scheduler):
             logging.getLogger(__name__).warning(
                 "time budget of %.0f min reached at step %d of %d: saving and stopping", self.seconds / 60,
                 state.global_step, state.max_steps)

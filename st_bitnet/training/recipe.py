@@ -392,7 +392,7 @@ def check_option_types(raw: dict, where: str = "") -> None:
 
 
 # training keys the runner consumes itself (not SentenceTransformerTrainingArguments fields)
-RUNNER_TRAINING_KEYS = ("time_budget_minutes",)
+RUNNER_TRAINING_KEYS = ("time_budget_minutes", "decay_over_time_budget")
 
 
 def check_training_options(training: dict, where: str = "") -> None:
@@ -410,6 +410,11 @@ def check_training_options(training: dict, where: str = "") -> None:
     budget = training.get("time_budget_minutes")
     if budget is not None and (not _type_ok(budget, float) or not budget > 0):
         raise RecipeError(f"training.time_budget_minutes{where} must be a positive number of minutes, got {budget!r}")
+    decay = training.get("decay_over_time_budget", False)
+    if not isinstance(decay, bool):
+        raise RecipeError(f"training.decay_over_time_budget{where} must be true or false, got {decay!r}")
+    if decay and budget is None:
+        raise RecipeError(f"training.decay_over_time_budget{where} needs training.time_budget_minutes")
     for key, value in training.items():
         if key in RUNNER_TRAINING_KEYS or (key == "bf16" and value == "auto"):  # bf16: auto is resolved at run time
             continue

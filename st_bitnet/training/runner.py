@@ -17,7 +17,7 @@ from typing import Any
 from .callbacks import LossLogCallback, TimeBudgetCallback
 from .loss_types import loss_class  # noqa: F401 (part of the runner's API)
 from .datasets import load_training_datasets
-from .recipe import MultiPrecisionSpec, Recipe, RecipeError, load_recipe, parse_freeze, parse_multi_precision
+from .recipe import RUNNER_TRAINING_KEYS, MultiPrecisionSpec, Recipe, RecipeError, load_recipe, parse_freeze, parse_multi_precision
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,8 @@ def training_arguments(recipe: Recipe):
     from .mixed_precision import resolve_bf16
 
     kwargs = {**DEFAULT_TRAINING_ARGS, **recipe.training}
-    kwargs.pop("time_budget_minutes", None)  # the runner's own option (TimeBudgetCallback)
+    for key in RUNNER_TRAINING_KEYS:  # the runner's own options (TimeBudgetCallback, BudgetedTrainer)
+        kwargs.pop(key, None)
     if kwargs.get("bf16") == "auto":
         use_cpu = bool(kwargs.get("use_cpu")) or not _cuda_available()
         kwargs["bf16"], reason = resolve_bf16("auto", use_cpu)
@@ -479,8 +480,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
 
     ``warm_start=False`` skips the recipe's block-wise warm start (a resumed run loads trained weights instead).
     """
-    from sentence_transformers import SentenceTransformerTrainer
     from transformers import set_seed
+
+    from .trainer import BudgetedTrainer
 
     set_seed(recipe.seed)
     train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)  # data errors before model loading
@@ -505,7 +507,9 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
     callbacks = [LossLogCallback(Path(recipe.output_dir) / LOSS_LOG), *(extra_callbacks or [])]
     if recipe.training.get("time_budget_minutes") is not None:
         callbacks.append(TimeBudgetCallback(recipe.training["time_budget_minutes"]))
-    trainer = SentenceTransformerTrainer(
+    decay_over_budget = recipe.training.get("decay_over_time_budget", False)
+    trainer = BudgetedTrainer(
+        budget_minutes=recipe.training["time_budget_minutes"] if decay_over_budget else None,
         model=student,
         args=args,
         train_dataset=train_dataset,
