@@ -112,10 +112,10 @@ def train_texts() -> list[str]:
     return unique
 
 
-def text_splits():
+def text_splits(n: int = 64):
     texts = train_texts()
-    # disjoint slices: analysis / calibration, held-out evaluation, warm start
-    return {"analysis": texts[:64], "heldout": texts[64:128], "warmstart": texts[128:640]}
+    # disjoint slices: analysis / calibration, held-out evaluation, warm start (fixed, whatever n is)
+    return {"analysis": texts[:n], "heldout": texts[64 : 64 + n], "warmstart": texts[128:640]}
 
 
 def features_of(model, texts: list[str]) -> list[dict]:
@@ -444,7 +444,7 @@ def part_analysis(which: str, splits) -> dict:
     return result
 
 
-def part_fixes(which: str, splits, analysis: dict | None, write=None) -> dict:
+def part_fixes(which: str, splits, analysis: dict | None, write=None, only: list[str] | None = None) -> dict:
     t0 = time.time()
     teacher = load_model(which)
     features = features_of(teacher, splits["analysis"])
@@ -494,6 +494,8 @@ def part_fixes(which: str, splits, analysis: dict | None, write=None) -> dict:
         variants.append((f"none, {worst[0]}+{worst[1]} kept fp16", keep_kinds(tuple(worst[:2])),
                          kept_cost([n for n in weights if kind_of(n) in worst[:2]])))
     out = {"model": which, "machine": machine(), "heldout_texts": len(splits["heldout"]), "variants": {}}
+    if only:
+        variants = [v for v in variants if v[0] in only]
     for label, build, cost in variants:
         t1 = time.time()
         student = build()
@@ -511,6 +513,21 @@ def part_fixes(which: str, splits, analysis: dict | None, write=None) -> dict:
         out["seconds"] = round(time.time() - t0, 1)
         if write is not None:
             write(out)
+    return out
+
+
+def part_padding(which: str, splits) -> dict:
+    """Embedding of a sentence alone vs inside a padded batch, for the fp32 model, the naive conversion and the two
+    fake-quant halves: which part of the conversion makes the embedding depend on its batch mates."""
+    teacher = load_model(which)
+    texts = splits["heldout"][:8]
+    out = {"model": which, "machine": machine(), "padding_side": teacher.tokenizer.padding_side,
+           "teacher": padding_check(teacher, texts)}  # fmt: skip
+    builds = {"none": lambda: converted(teacher, "none"),
+              "diag W only": lambda: fake_quant(copy_sharing_embeddings(teacher), "tensor", False),
+              "diag A only": lambda: fake_quant(copy_sharing_embeddings(teacher), None, True)}  # fmt: skip
+    for label, build in builds.items():
+        out[label] = padding_check(build().eval(), texts)
     return out
 
 
@@ -597,7 +614,7 @@ def tables() -> str:
               "| model | variant | cosine mean | cosine min | similarity Spearman | mean local update err | last block accum. err "
               "| extra bytes vs ternary |", "|---|---|" + "---:|" * 6]  # fmt: skip
     for which in ("gemma3", "minilm"):
-        for name in (f"fixes_{which}", f"warmstart_{which}"):
+        for name in (f"fixes_{which}", f"fixes_{which}_32texts", f"warmstart_{which}"):
             found = _load(name)
             if found is None:
                 continue
@@ -605,7 +622,8 @@ def tables() -> str:
             for label, v in entries.items():
                 cost = v.get("cost")
                 extra = f"{cost['extra_bytes_vs_ternary'] / 1e6:.1f} MB (+{cost['extra_vs_all_projections_ternary']:.0%})" if cost else ""
-                lines.append(f"| {which} | {label} | {v['embedding_cosine_mean']:.3f} | {v['embedding_cosine_min']:.3f} | "
+                note = " (32 + 32 texts)" if name.endswith("_32texts") else ""
+                lines.append(f"| {which} | {label}{note} | {v['embedding_cosine_mean']:.3f} | {v['embedding_cosine_min']:.3f} | "
                              f"{v['similarity_spearman']:.3f} | {v['mean_local_update']:.3f} | "
                              f"{v['last_accumulated_output']:.3f} | {extra} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -613,13 +631,15 @@ def tables() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("analysis", "fixes", "warmstart", "tables"), required=True)
+    parser.add_argument("--part", choices=("analysis", "fixes", "warmstart", "padding", "tables"), required=True)
     parser.add_argument("--models", nargs="+", default=["gemma3", "minilm"], choices=("gemma3", "minilm"))
     parser.add_argument("--steps-per-block", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--starts", nargs="+", default=["none"], help="conversions to warm-start from, e.g. none "
                         "per_projection+calibrated")
     parser.add_argument("--save-student", default=None, help="folder to save the warm-started students (git-ignored)")
+    parser.add_argument("--variants", nargs="+", default=None, help="fixes: only these variant labels")
+    parser.add_argument("--texts", type=int, default=64, help="analysis and held-out sentences (each)")
     parser.add_argument("--warmstart-texts", type=int, default=512)
     parser.add_argument("--warmstart-batch", type=int, default=32)
     parser.add_argument("--tag", default="", help="suffix of the result file name")
@@ -629,16 +649,20 @@ def main():
         return
     torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    splits = text_splits()
+    splits = text_splits(args.texts)
     for which in args.models:
         path = RESULTS / f"{args.part}_{which}{args.tag}.json"
-        if args.part == "analysis":
+        if args.part == "padding":
+            t0 = time.time()
+            result = {**part_padding(which, splits), "seconds": round(time.time() - t0, 1)}
+        elif args.part == "analysis":
             result = part_analysis(which, splits)
         elif args.part == "fixes":
             analysis_path = RESULTS / f"analysis_{which}.json"
             analysis = json.loads(analysis_path.read_text()) if analysis_path.exists() else None
             result = part_fixes(which, splits, analysis,
-                                write=lambda r, path=path: path.write_text(json.dumps(r, indent=1) + "\n"))
+                                write=lambda r, path=path: path.write_text(json.dumps(r, indent=1) + "\n"),
+                                only=args.variants)
         else:
             result = part_warmstart(which, splits, args)
         path.write_text(json.dumps(result, indent=1) + "\n")
