@@ -605,7 +605,7 @@ def tables() -> str:
             lines.append(f"| {b['block']} | {rms[b['block']]:.2f} | {b['local_output']:.3f} | {b['local_update']:.3f} | "
                          f"{b['accumulated_output']:.3f} | {b['accumulated_update']:.3f} | {p['local_update']:.3f} | "
                          f"{p['accumulated_output']:.3f} |")  # fmt: skip
-        lines += ["", f"norm weights (effective multiplier, max |.| over blocks): "
+        lines += ["", "norm weights (effective multiplier, max |.| over blocks): "
                   + ", ".join(f"{k} max {v['max_abs']} (median up to {v['median_abs_max']})"
                               for k, v in analysis["residual_and_norms"]["norm_weights_effective"].items()),
                   f"residual max |x| {analysis['residual_and_norms']['residual_max_abs']}, final output RMS "
