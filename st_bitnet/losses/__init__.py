@@ -6,8 +6,11 @@ Contrastive pre-training / fine-tuning reuses sentence-transformers' InfoNCE los
 weighted combination (one shared forward pass, every component logged), the multi-precision output loss
 (``MultiPrecisionLoss``, which can also be a component of the combination), the hidden-state loss
 (``HiddenStateDistillationLoss``, every block's token states) and two more distillation components:
-``PairSimilarityDistillationLoss`` (in-batch KL over (anchor, positive) only) and
-``MultiPrecisionSimilarityDistillationLoss`` (similarity KD of the 8/4/2/1-bit outputs).
+``PairSimilarityDistillationLoss`` (in-batch KL over (anchor, positive) only).
+``MultiPrecisionSimilarityDistillationLoss`` is the deprecated name of
+``MultiPrecisionLoss(SimilarityDistributionDistillationLoss)`` averaged over the precisions (also with
+``teacher="self"``). :mod:`.traits` reads what each loss class declares it needs (a teacher) and allows
+(being wrapped by ``MultiPrecisionLoss``).
 """
 
 from sentence_transformers.sentence_transformer.losses import (
@@ -16,6 +19,7 @@ from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesRankingLoss,
 )
 
+from . import traits
 from .attention_relation_distillation import AttentionRelationDistillationLoss
 from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
 from .hidden_state_capture import HiddenStateCapture

@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..introspection import unwrap
 from ..teacher import check_same_tokenizer
 from .qkv_capture import RELATIONS, QKVCapture, num_attention_layers
 
 
 def _config_of(model) -> Any:
-    from .qkv_capture import _unwrap
-
-    for module in _unwrap(model).modules():
+    for module in unwrap(model).modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "num_attention_heads"):
             return config
@@ -22,6 +21,10 @@ def _config_of(model) -> Any:
 
 
 class AttentionRelationDistillationLoss(nn.Module):
+    needs_teacher = True
+    multi_precision_wrappable = False
+    not_multi_precision_wrappable_because = "it does not read the output embedding"
+
     def __init__(
         self,
         model,

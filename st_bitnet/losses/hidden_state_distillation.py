@@ -16,6 +16,10 @@ def uniform_layer_map(student_depth: int, teacher_depth: int) -> list[int]:
 
 
 class HiddenStateDistillationLoss(nn.Module):
+    needs_teacher = True
+    multi_precision_wrappable = False
+    not_multi_precision_wrappable_because = "it does not read the output embedding"
+
     def __init__(self, model, teacher, layers: list[int] | None = None, normalize: bool = True) -> None:
         """
         Intermediate-layer distillation: the student's token hidden states after each chosen transformer block

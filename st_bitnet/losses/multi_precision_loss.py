@@ -14,6 +14,8 @@ from st_bitnet.multi_precision.encode import find_quantizer
 from st_bitnet.multi_precision.precision import BITS, resolve_bits
 from st_bitnet.multi_precision.quantizer import MultiPrecisionQuantizer
 
+from .traits import multi_precision_wrappable, why_not_multi_precision_wrappable
+
 try:  # sentence-transformers >= 6.0
     from sentence_transformers.base.losses.gradcache import uses_gradient_cache
 except ImportError:  # pragma: no cover - older releases mark cached losses by name only
@@ -128,6 +130,9 @@ class _QuantizingCalculateLoss:
 
 
 class MultiPrecisionLoss(nn.Module):
+    multi_precision_wrappable = False
+    not_multi_precision_wrappable_because = "it already trains the low-bit outputs: wrap the loss once"
+
     def __init__(
         self,
         model,
@@ -135,6 +140,7 @@ class MultiPrecisionLoss(nn.Module):
         precisions: Sequence[int | str] = BITS,
         precision_weights: Sequence[float] | None = None,
         n_precisions_per_step: int = -1,
+        quantizer: MultiPrecisionQuantizer | None = None,
     ) -> None:
         """
         Wraps any sentence-transformers loss and sums it over output precisions, so one model serves 16, 8, 4, 2 and
@@ -149,6 +155,8 @@ class MultiPrecisionLoss(nn.Module):
             precisions: Bit widths (or names such as ``"2bit"``) to train; each must be served by the quantizer.
             precision_weights: One weight per precision (default 1 each).
             n_precisions_per_step: If > 0, train a random subset of this many precisions per step.
+            quantizer: Fake-quantize with this quantizer instead of the model's last module (``model`` may then be
+                None, for the tensor-only ``compute_loss_*`` methods).
 
         References:
             - Nair et al., "Matryoshka Quantization", 2025: https://huggingface.co/papers/2502.06786
@@ -176,14 +184,13 @@ class MultiPrecisionLoss(nn.Module):
                 trainer.train()
         """
         super().__init__()
-        if isinstance(loss, dict) or type(loss).__name__ == "WeightedCombinationLoss":
+        if isinstance(loss, dict):
+            raise ValueError("MultiPrecisionLoss wraps one loss, not a dict of them: put it inside a WeightedCombinationLoss")
+        if not multi_precision_wrappable(loss):
             raise ValueError(
-                "MultiPrecisionLoss cannot wrap a WeightedCombinationLoss (it returns one value per component): put the "
-                "MultiPrecisionLoss inside the combination instead, e.g. WeightedCombinationLoss(model, {'contrastive': "
-                "MultiPrecisionLoss(model, MultipleNegativesRankingLoss(model)), 'similarity_kd': ...}); the student "
-                "and the teacher then still run once per batch."
+                f"MultiPrecisionLoss cannot wrap a {type(loss).__name__}: {why_not_multi_precision_wrappable(loss)}"
             )
-        quantizer = find_quantizer(model)
+        quantizer = quantizer if quantizer is not None else find_quantizer(model) if model is not None else None
         if quantizer is None:
             raise ValueError(
                 "MultiPrecisionLoss needs a MultiPrecisionQuantizer as the model's last module: "

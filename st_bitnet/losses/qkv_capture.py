@@ -12,6 +12,8 @@ import re
 import torch.nn as nn
 from torch import Tensor
 
+from st_bitnet.introspection import unwrap
+
 # layer index, then the projection: Llama/Qwen/Gemma/Mistral ``layers.N.self_attn.{q,k,v}_proj``,
 # BERT/RoBERTa/MiniLM ``layer.N.attention.self.{query,key,value}``, a few other common spellings.
 _PROJECTION_RE = re.compile(
@@ -25,26 +27,17 @@ _KIND = {"q_proj": "query", "query": "query", "q": "query",
 RELATIONS = ("query", "key", "value")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / FSDP / torch.compile wrappers keep the real model under ``module`` / ``_orig_mod``.
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def find_qkv_projections(model: nn.Module) -> dict[int, dict[str, nn.Module]]:
     """``{layer_index: {"query": module, "key": module, "value": module}}`` for every attention layer."""
     found: dict[int, dict[str, nn.Module]] = {}
-    for name, module in _unwrap(model).named_modules():
+    for name, module in unwrap(model).named_modules():
         match = _PROJECTION_RE.search(name)
         if match:
             found.setdefault(int(match.group(1)), {})[_KIND[match.group(2)]] = module
     incomplete = [i for i, kinds in found.items() if set(kinds) != set(RELATIONS)]
     if not found or incomplete:
         raise ValueError(
-            f"could not find separate query/key/value projections in {type(_unwrap(model)).__name__} "
+            f"could not find separate query/key/value projections in {type(unwrap(model)).__name__} "
             "(looked for layers.N.self_attn.{q,k,v}_proj and layer.N.attention.self.{query,key,value}). "
             "Fused QKV projections are not supported by the attention-relation loss."
         )

@@ -18,6 +18,8 @@ def embed_columns(model, sentence_features: Iterable[dict[str, Tensor]]) -> list
 
 
 class SimilarityDistributionDistillationLoss(nn.Module):
+    needs_teacher = True  # a live teacher, or its precomputed scores
+
     def __init__(
         self,
         model,

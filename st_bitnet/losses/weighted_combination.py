@@ -11,9 +11,10 @@ from .attention_relation_distillation import AttentionRelationDistillationLoss
 from .embedding_mse_distillation import EmbeddingMSEDistillationLoss
 from .hidden_state_capture import HiddenStateCapture
 from .hidden_state_distillation import HiddenStateDistillationLoss
-from .multi_precision_loss import MultiPrecisionLoss, quantize_labels, quantizer_tied_to_forward
+from .multi_precision_loss import MultiPrecisionLoss, quantize_labels, quantizer_tied_to_forward, uses_gradient_cache
 from .qkv_capture import QKVCapture
 from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
+from .traits import multi_precision_wrappable, needs_teacher, why_not_multi_precision_wrappable
 
 
 def _inner(loss: nn.Module) -> nn.Module:
@@ -22,6 +23,13 @@ def _inner(loss: nn.Module) -> nn.Module:
 
 
 class WeightedCombinationLoss(nn.Module):
+    multi_precision_wrappable = False
+    not_multi_precision_wrappable_because = (
+        "it returns one value per component: put the MultiPrecisionLoss inside the combination instead, e.g. "
+        "WeightedCombinationLoss(model, {'contrastive': MultiPrecisionLoss(model, MultipleNegativesRankingLoss(model)), "
+        "'similarity_kd': ...}); the student and the teacher then still run once per batch"
+    )
+
     def __init__(self, model, losses: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
         """
         A weighted sum of losses that share **one** student forward pass (and one teacher forward pass) per
@@ -77,22 +85,14 @@ class WeightedCombinationLoss(nn.Module):
         teachers = []
         for name, loss in self.losses.items():
             inner = _inner(loss)
-            if type(inner).__name__.startswith("Cached") or getattr(loss, "uses_gradient_cache", False):
+            if uses_gradient_cache(inner) or uses_gradient_cache(loss):
                 raise ValueError(f"component {name!r} ({type(inner).__name__}) runs its own cached forward passes: use it alone")
-            if inner is not loss and isinstance(inner, MultiPrecisionLoss):
-                raise ValueError(f"component {name!r}: a MultiPrecisionLoss inside a MultiPrecisionLoss; wrap the loss once")
-            if inner is not loss and isinstance(inner, AttentionRelationDistillationLoss):
+            if inner is not loss and not multi_precision_wrappable(inner):  # MultiPrecisionLoss checks it too
                 raise ValueError(
-                    f"component {name!r}: the attention-relation loss does not read the output embedding, so "
-                    "MultiPrecisionLoss cannot apply it per precision; add it as its own component"
+                    f"component {name!r}: MultiPrecisionLoss cannot apply {type(inner).__name__} per precision: "
+                    f"{why_not_multi_precision_wrappable(inner)}; add it as its own component"
                 )
-            if inner is not loss and isinstance(inner, HiddenStateDistillationLoss):
-                raise ValueError(
-                    f"component {name!r}: the hidden-state loss does not read the output embedding, so "
-                    "MultiPrecisionLoss cannot apply it per precision; add it as its own component"
-                )
-            if isinstance(inner, (SimilarityDistributionDistillationLoss, AttentionRelationDistillationLoss,
-                                  HiddenStateDistillationLoss)):
+            if needs_teacher(inner):
                 if inner.teacher is not None:
                     teachers.append(inner.teacher)
             elif not hasattr(inner, "compute_loss_from_embeddings"):
@@ -179,8 +179,6 @@ class WeightedCombinationLoss(nn.Module):
     def _output_value(name: str, loss: nn.Module, student_embeddings, teacher_embeddings, labels) -> Tensor:
         """One component that reads the output embeddings (float, or fake-quantized by a MultiPrecisionLoss)."""
         if isinstance(loss, SimilarityDistributionDistillationLoss):
-            if getattr(loss, "self_distillation", False):  # target: the student's own float output, detached
-                return loss.compute_loss_from_embeddings(student_embeddings, student_embeddings)
             if loss.teacher is not None:
                 return loss.compute_loss_from_embeddings(student_embeddings, teacher_embeddings)
             if labels is None:
@@ -193,6 +191,8 @@ class WeightedCombinationLoss(nn.Module):
         map_teacher = isinstance(inner, EmbeddingMSEDistillationLoss)  # compares coordinates, not similarities
 
         def at_bits(quantized: list[Tensor], bit_labels, bits: int) -> Tensor:
+            if getattr(loss, "self_distillation", False):  # target: the student's own float output, detached
+                return inner.compute_loss_from_embeddings(quantized, [s.detach() for s in student_embeddings])
             teacher = teacher_embeddings
             if map_teacher:
                 teacher = [quantize_labels(t, quantizer, bits, quantizer.embedding_dimension) for t in teacher]

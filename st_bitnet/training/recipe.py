@@ -34,12 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from st_bitnet.multi_precision.precision import BITS, resolve_bits
+
 from .datasets import DatasetSpec, check_spec
 from .errors import RecipeError
+from .loss_types import loss_class
 
 TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", "prompts", "loss", "training",
                   "evaluation", "resume_from_checkpoint", "description", "warm_start", "hard_negatives"}  # fmt: skip
-# hard_negatives: negatives mined by the teacher for the (anchor, positive) datasets, see runner.mine_negatives.
+# hard_negatives: negatives mined by the teacher for the (anchor, positive) datasets, see data_preparation.mine_negatives.
 HARD_NEGATIVE_KEYS = {"num_negatives", "range_min", "range_max", "relative_margin", "datasets", "batch_size"}
 MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device",
               "multi_precision", "trust_remote_code", "gguf_file", "pooling", "normalize", "prompts",
@@ -49,30 +52,18 @@ BACKBONE_KEYS = ("gguf_file", "pooling", "normalize", "prompts")
 TEACHER_KEYS = {"path", "device", "dtype", "max_seq_length", *BACKBONE_KEYS}
 FREEZE_KEYS = {"embeddings", "trainable_layers"}
 FREEZE_EXAMPLE = "{embeddings: true, trainable_layers: 4}"
-# Loss types that read a teacher (live, or to precompute scores).
-TEACHER_LOSSES = {
-    "SimilarityDistributionDistillationLoss",
-    "AttentionRelationDistillationLoss",
-    "EmbeddingMSEDistillationLoss",
-    "PairSimilarityDistillationLoss",
-    "MultiPrecisionSimilarityDistillationLoss",
-    "HiddenStateDistillationLoss",
-}
 EVALUATION_SETS = ("stsb", "sick")
 
 # model.multi_precision: the output quantizer the runner appends to the student before training.
 MULTI_PRECISION_KEYS = {
     "precisions", "pooling", "calibration_rows", "calibration", "std_multiplier", "binary_threshold", "rotation"
 }
-MULTI_PRECISION_EXAMPLE = "{precisions: [16, 8, 4, 2, 1], pooling: mean, calibration_rows: 512}"
+MULTI_PRECISION_EXAMPLE = f"{{precisions: {list(BITS)}, pooling: mean, calibration_rows: 512}}"
 POOLING_MODES = ("mean", "cls", "lasttoken", "max")
 POOLING_KEYS = {"mode", "normalization", "include_prompt"}
 POOLING_NORMALIZATIONS = ("rms", "layer", "none")
 # loss.<name>.multi_precision: the MultiPrecisionLoss wrapper of one component.
 LOSS_MULTI_PRECISION_KEYS = {"precisions", "precision_weights", "n_precisions_per_step"}
-# Components that cannot be wrapped: no output embedding to quantize, or already multi-precision.
-NOT_MULTI_PRECISION_WRAPPABLE = {"AttentionRelationDistillationLoss", "HiddenStateDistillationLoss", "MultiPrecisionLoss",
-                                 "MultiPrecisionSimilarityDistillationLoss"}
 
 
 @dataclass
@@ -110,7 +101,7 @@ class MultiPrecisionSpec:
             ``rotation_generator`` the quantizer's learning rate in ``learning_rate_mapping``).
     """
 
-    precisions: tuple[int, ...] = (16, 8, 4, 2, 1)
+    precisions: tuple[int, ...] = BITS
     pooling: dict[str, Any] | None = None
     calibration_rows: int = 512
     calibration: str = "std"
@@ -120,10 +111,8 @@ class MultiPrecisionSpec:
 
 
 def _parse_precisions(value: Any, what: str) -> tuple[int, ...]:
-    from st_bitnet.multi_precision.precision import resolve_bits
-
     if not isinstance(value, (list, tuple)) or not value:
-        raise RecipeError(f"{what} must be a non-empty list of bit widths out of [16, 8, 4, 2, 1], got {value!r}")
+        raise RecipeError(f"{what} must be a non-empty list of bit widths out of {list(BITS)}, got {value!r}")
     try:
         bits = [resolve_bits(v) for v in value]
     except (ValueError, TypeError) as error:
@@ -209,6 +198,12 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
     )
 
 
+def multi_precision_spec(recipe: Recipe) -> MultiPrecisionSpec | None:
+    """The validated ``model.multi_precision`` (a Recipe built by hand may hold the raw YAML value)."""
+    value = recipe.model.get("multi_precision")
+    return value if isinstance(value, MultiPrecisionSpec) else parse_multi_precision(value)
+
+
 def parse_loss_multi_precision(
     name: str, component: dict, model_spec: MultiPrecisionSpec | None, where: str = ""
 ) -> dict | None:
@@ -227,9 +222,11 @@ def parse_loss_multi_precision(
         return None
     if model_spec is None:
         raise RecipeError(f"loss component {name!r}{where} sets multi_precision, but the model has no output quantizer: {add_section}")
-    if component["type"] in NOT_MULTI_PRECISION_WRAPPABLE:
-        why = "it does not read the output embedding" if component["type"] == "AttentionRelationDistillationLoss" else (
-            "it already trains the low-bit outputs")  # fmt: skip
+    from st_bitnet.losses import traits  # the loss classes load with sentence-transformers: only when checked
+
+    cls = loss_class(component["type"])
+    if not traits.multi_precision_wrappable(cls):
+        why = traits.why_not_multi_precision_wrappable(cls)
         raise RecipeError(f"loss component {name!r} ({component['type']}){where} cannot take multi_precision: {why}")
     if value is True:
         return {"precisions": list(model_spec.precisions)}
@@ -435,8 +432,6 @@ def check_loss_arguments(name: str, component: dict, where: str = "") -> None:
     (``{type: ...}`` values) are checked too."""
     import inspect
 
-    from .loss_types import loss_class
-
     if not isinstance(component["type"], str):
         raise RecipeError(f"loss component {name!r}{where}: 'type' must be a class name, got {component['type']!r}")
     cls = loss_class(component["type"])
@@ -469,6 +464,7 @@ def check_loss_arguments(name: str, component: dict, where: str = "") -> None:
 
 def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     """Validate a raw recipe dict into a :class:`Recipe` (no model or data is loaded)."""
+    from st_bitnet.losses import traits
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a YAML mapping")
     raw = _expand(raw)
@@ -532,7 +528,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
                 f"loss component {name!r}{where}: self-distillation needs MultiPrecisionSimilarityDistillationLoss "
                 f"(the low-bit outputs distilled from the model's own float output), not {component['type']}"
             )
-        if TEACHER_LOSSES & {component["type"], *nested} and teacher is None and not self_distilled:
+        if teacher is None and not self_distilled and any(traits.needs_teacher(loss_class(t)) for t in (component["type"], *nested)):
             raise RecipeError(
                 f"loss component {name!r} ({component['type']}) distills from a teacher, but the recipe{where} has "
                 "no 'teacher' section: add teacher: {path: <full-precision model>}"

@@ -1,0 +1,39 @@
+"""What a loss class needs and allows, declared by the class itself and read by the recipe checks and the wrappers.
+
+A loss class (or instance) may set:
+
+* ``needs_teacher`` (default False): it distills from a teacher model (live, or through precomputed scores), so a
+  recipe naming it needs a ``teacher`` section.
+* ``multi_precision_wrappable`` (default True): :class:`~st_bitnet.losses.MultiPrecisionLoss` may apply it at every
+  precision; a class that sets it False says why in ``not_multi_precision_wrappable_because``.
+
+sentence-transformers' losses set none of these and get the defaults (no teacher, wrappable).
+
+Example::
+
+    from st_bitnet.losses import AttentionRelationDistillationLoss, traits
+    traits.needs_teacher(AttentionRelationDistillationLoss)             # True
+    traits.multi_precision_wrappable(AttentionRelationDistillationLoss)  # False
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def needs_teacher(loss: Any) -> bool:
+    """Whether the loss class (or instance) ``loss`` distills from a teacher model."""
+    return bool(getattr(loss, "needs_teacher", False))
+
+
+def multi_precision_wrappable(loss: Any) -> bool:
+    """Whether :class:`~st_bitnet.losses.MultiPrecisionLoss` may apply the loss class (or instance) ``loss`` at
+    every precision."""
+    return bool(getattr(loss, "multi_precision_wrappable", True))
+
+
+def why_not_multi_precision_wrappable(loss: Any) -> str:
+    """The reason the loss class (or instance) ``loss`` gives for not being wrappable (empty when it is)."""
+    if multi_precision_wrappable(loss):
+        return ""
+    return getattr(loss, "not_multi_precision_wrappable_because", "it cannot be applied per precision")

@@ -1,0 +1,71 @@
+"""Training data the teacher adds to: mined hard negatives (``hard_negatives``) and precomputed teacher scores
+(``precompute_teacher_scores`` on a loss component), after the models are loaded and before the loss is built."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .recipe import Recipe, RecipeError
+
+logger = logging.getLogger(__name__)
+
+def mine_negatives(recipe: Recipe, train_dataset, teacher):
+    """Add teacher-mined hard negatives (``recipe.hard_negatives``) to the (anchor, positive) datasets.
+
+    sentence-transformers' ``mine_hard_negatives`` ranks each dataset's own positives by the teacher's similarity to
+    the anchor and keeps, per row, ``num_negatives`` candidates ranked between ``range_min`` and ``range_max`` whose
+    score is below ``(1 - relative_margin)`` x the positive's (skipping the very top ranks, where unlabelled true
+    positives sit). Rows without enough such candidates are dropped. The mined sets are saved under
+    ``<output_dir>/hard_negatives`` and reused by a resumed run.
+    """
+    from datasets import Dataset, DatasetDict, load_from_disk
+    from sentence_transformers.util import mine_hard_negatives
+
+    settings = dict(recipe.hard_negatives)
+    wanted = settings.pop("datasets", None)
+    named = dict(train_dataset) if isinstance(train_dataset, DatasetDict) else {recipe.datasets[0].key: train_dataset}
+    root = Path(recipe.output_dir) / "hard_negatives"
+    out = {}
+    for key, dataset in named.items():
+        pairs = dataset.column_names[:2] == ["anchor", "positive"] and len(dataset.column_names) == 2
+        if (wanted is not None and key not in wanted) or (wanted is None and not pairs):
+            out[key] = dataset
+            continue
+        if not pairs:
+            raise RecipeError(f"hard_negatives: dataset {key!r} has columns {dataset.column_names}, not (anchor, positive)")
+        folder = root / key
+        stamp = json.dumps({"rows": len(dataset), **settings}, sort_keys=True)
+        if (folder / "settings.json").is_file() and (folder / "settings.json").read_text() == stamp:
+            out[key] = load_from_disk(str(folder / "data"))
+            logger.info("hard negatives for %s: reused %s (%d rows)", key, folder, len(out[key]))
+            continue
+        mined = mine_hard_negatives(
+            dataset, teacher.model, anchor_column_name="anchor", positive_column_name="positive",
+            range_min=settings["range_min"], range_max=settings["range_max"],
+            relative_margin=settings["relative_margin"], num_negatives=settings["num_negatives"],
+            sampling_strategy="top", output_format="n-tuple", batch_size=settings["batch_size"], verbose=False,
+        )  # fmt: skip
+        logger.info("hard negatives for %s: %d of %d rows kept", key, len(mined), len(dataset))
+        folder.mkdir(parents=True, exist_ok=True)
+        mined.save_to_disk(str(folder / "data"))
+        (folder / "settings.json").write_text(stamp)
+        out[key] = mined
+    if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DatasetDict):
+        return next(iter(out.values()))
+    return DatasetDict(out)
+
+
+
+def precompute_scores(recipe: Recipe, datasets, teacher):
+    if not any(spec.get("precompute_teacher_scores") for spec in recipe.loss.values()):
+        return datasets
+    from datasets import DatasetDict
+
+    from st_bitnet.teacher import precompute_teacher_scores
+
+    if isinstance(datasets, DatasetDict):
+        return DatasetDict({k: precompute_teacher_scores(v, teacher) for k, v in datasets.items()})
+    return precompute_teacher_scores(datasets, teacher)
+
