@@ -241,6 +241,12 @@ class BitLinear(nn.Module):
         rms_norm_eps: its epsilon.
         packed: build the layer in the packed state (for loading packed checkpoints).
 
+    Dtypes of a packed layer: its scale, bias and norm weight are float32 and stay float32 through
+    ``model.to(torch.bfloat16)`` / ``.half()`` (device moves apply as usual); a bf16 or fp16 input is upcast
+    exactly, normalized, quantized and rescaled in float32 (the same int8 values as the float32 model on those
+    input values) and only the output is rounded to the input's dtype. So casting a packed model to bf16 runs the
+    rest of the model (attention, norms, rotary, activations, embeddings) in bf16 and the projections unchanged.
+
     The packed forward runs :attr:`packed_kernel` when one is installed (``import st_bitnet`` installs the
     st_bitnet.ops kernels with :meth:`set_packed_kernel`), else the integer-exact reference: a copy of this file
     loaded through ``trust_remote_code`` without st_bitnet runs the reference.
