@@ -25,9 +25,14 @@ per variant is measured in a fresh subprocess per variant (model built, ``VmHWM`
 
 Writes ``--out``.json and ``--out``.md (default ``benchmarks/results/side_by_side``).
 
-Expected time (2 cores, idle machine): about 9-11 minutes for the full run with the defaults (extrapolated from a
-2-layer pass measured on a shared machine; see the brief's numbers in the JSON's ``meta.seconds``). ``--quick``
-(2 layers, hidden sizes of the real models, shapes 1x8 and 2x16, 2 repeats) runs in seconds; ``--profile`` adds a
+Expected time of the full run with the defaults (2 cores, idle machine): at most about 11 minutes. Extrapolated
+from CPU seconds measured on a shared machine (load 7-11 on 2 cores), 1 thread, ``--layers 2 --repeats 1
+--big-repeats 1 --no-memory``: 40 CPU-s for Qwen3 and 13 CPU-s for Gemma3 (model building included); the
+defaults run 2x more token-forwards on the small columns (3 passes + 1 warm-up vs 1 + 1) and as many on the
+32x256 column (1 pass), 14x / 9x the layers, so 1.3x that work per layer: 40 * 14 * 1.3 + 13 * 9 * 1.3 = 880
+CPU-s, ~520 s on 2 threads at 85% scaling, plus ~2 minutes for the 10 memory subprocesses. An upper bound: the
+embedding table and model building do not grow with depth. ``--big-repeats 2`` adds about 5 minutes; ``--profile`` adds 16 forwards at 1x32 and 8x128 per model (not timed yet).
+``--quick`` (2 layers, hidden sizes of the real models, shapes 1x8 and 2x16, 2 repeats) runs in seconds; ``--profile`` adds a
 torch.profiler breakdown (BitLinear, attention/SDPA, norms, rotary, activations, embedding, other) of both
 st_bitnet variants at 1x32 and 8x128.
 
@@ -244,8 +249,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(FULL_LAYERS), choices=list(FULL_LAYERS))
     p.add_argument("--layers", type=int, default=None, help="layers per model (default: the real depth)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--big-repeats", type=int, default=3, help="repeats of the largest shape (32x256)")
+    p.add_argument("--repeats", type=int, default=3, help="round-robin passes per column (after one warm-up pass)")
+    p.add_argument("--big-repeats", type=int, default=1, help="passes of the largest shape (32x256; no warm-up)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of both st_bitnet variants")

@@ -20,7 +20,7 @@ def bench():
 
 def test_quick_run_reports_every_variant_and_column(bench, tmp_path):
     out = tmp_path / "sbs"
-    bench.main(["--quick", "--no-memory", "--out", str(out)])
+    bench.main(["--quick", "--no-memory", "--profile", "--out", str(out)])
     report = json.loads((out.with_suffix(".json")).read_text())
     meta, results = report["meta"], report["results"]
     assert set(meta["skipped"]) | set(meta["variants"]) == set(bench.VARIANTS)
@@ -38,6 +38,13 @@ def test_quick_run_reports_every_variant_and_column(bench, tmp_path):
             best_ours = max(speeds[v] for v in bench.ST_VARIANTS)
             best_theirs = max(v for k, v in speeds.items() if k not in bench.ST_VARIANTS)
             assert r["ratio"][col]["ratio"] == pytest.approx(best_ours / best_theirs)
+        from bench_profile import PARTS
+
+        assert len(r["profile"]) == 2 * len(bench.ST_VARIANTS)  # both variants at two shapes
+        for prof in r["profile"].values():
+            share = prof["share"]
+            assert set(share) == set(PARTS) and sum(share.values()) == pytest.approx(1.0)
+            assert share["bitlinear"] > 0 and share["attention"] > 0 and share["norms"] > 0 and prof["forward_ms"] > 0
     table = out.with_suffix(".md").read_text()
     assert all(v in table for v in meta["variants"]) and all(c in table for c in columns)
 
