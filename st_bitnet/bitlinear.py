@@ -34,6 +34,8 @@ VALUES_PER_BYTE = 4
 _FP32_EXACT_MAX_K = 2**24 // 128
 
 NORM_PLACEMENTS = ("per_projection", "subln", "none")
+# Activation dtypes a packed layer upcasts exactly to float32 before its norm and quantization.
+_NARROW_FLOATS = (torch.bfloat16, torch.float16)
 # Projections fed by attention / FFN internals: the only ones that get a norm under "subln" (BitDistill).
 _SUBLN_RE = re.compile(
     r"(^|\.)(o_proj|down_proj|out_proj|fc2|dense_4h_to_h|c_proj)$"
@@ -239,6 +241,12 @@ class BitLinear(nn.Module):
         rms_norm_eps: its epsilon.
         packed: build the layer in the packed state (for loading packed checkpoints).
 
+    Dtypes of a packed layer: its scale, bias and norm weight are float32 and stay float32 through
+    ``model.to(torch.bfloat16)`` / ``.half()`` (device moves apply as usual); a bf16 or fp16 input is upcast
+    exactly, normalized, quantized and rescaled in float32 (the same int8 values as the float32 model on those
+    input values) and only the output is rounded to the input's dtype. So casting a packed model to bf16 runs the
+    rest of the model (attention, norms, rotary, activations, embeddings) in bf16 and the projections unchanged.
+
     The packed forward runs :attr:`packed_kernel` when one is installed (``import st_bitnet`` installs the
     st_bitnet.ops kernels with :meth:`set_packed_kernel`), else the integer-exact reference: a copy of this file
     loaded through ``trust_remote_code`` without st_bitnet runs the reference.
@@ -275,16 +283,18 @@ class BitLinear(nn.Module):
             raise ValueError(f"BitLinear needs positive sizes, got in={in_features}, out={out_features}")
         self.in_features = in_features
         self.out_features = out_features
-        self.rms_norm = BitRMSNorm(in_features, eps=rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+        # a packed layer computes its norm, scale and bias in float32 whatever the model's dtype (see ``_apply``)
+        float_dtype = torch.float32 if packed else dtype
+        self.rms_norm = BitRMSNorm(in_features, eps=rms_norm_eps, device=device, dtype=float_dtype) if use_rms_norm else None
         if packed:
             rows = (out_features + VALUES_PER_BYTE - 1) // VALUES_PER_BYTE
             self.weight = nn.Buffer(torch.zeros(rows, in_features, dtype=torch.uint8, device=device))
-            self.weight_scale = nn.Buffer(torch.ones(1, dtype=dtype or torch.float32, device=device))
+            self.weight_scale = nn.Buffer(torch.ones(1, dtype=torch.float32, device=device))
         else:
             self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=float_dtype))
         else:
             self.register_parameter("bias", None)
         self._kernel_state = None  # layout cached by a kernel at first use (never saved)
@@ -319,10 +329,9 @@ class BitLinear(nn.Module):
         if self.is_packed:
             return self
         w_q, scale = quantize_weight_ternary(self.weight)
-        dtype = self.weight.dtype
         del self.weight
         self.weight = nn.Buffer(pack_ternary(w_q))
-        self.weight_scale = nn.Buffer(scale.to(dtype))
+        self.weight_scale = nn.Buffer(scale)  # float32 whatever the latent dtype: QAT divides by the fp32 scale
         if self.bias is not None:
             self.bias.requires_grad_(False)
         if self.rms_norm is not None:
@@ -339,20 +348,50 @@ class BitLinear(nn.Module):
     def ternary_scale(self) -> torch.Tensor:
         return self.weight_scale if self.is_packed else weight_scale_absmean(self.weight)
 
+    def _packed_float_state(self) -> list[tuple[nn.Module, str]]:
+        """(owner, name) of the float tensors a packed layer computes with: scale, bias, norm weight."""
+        slots = [(self, "weight_scale"), (self, "bias")]
+        if self.rms_norm is not None:
+            slots.append((self.rms_norm, "weight"))
+        return [(owner, name) for owner, name in slots if getattr(owner, name, None) is not None]
+
     def _apply(self, fn, recurse=True):
         self._kernel_state = None  # device/dtype moves invalidate a kernel's cached layout
-        return super()._apply(fn, recurse)
+        if not self.is_packed:
+            return super()._apply(fn, recurse)
+        # A packed layer keeps the dtype of its scale, bias and norm weight (float32) through dtype casts such as
+        # ``model.to(torch.bfloat16)``: the rest of the model then runs in bf16 while this layer still quantizes
+        # and rescales in float32 (rounding the scale to bf16 would change every output). Device moves apply.
+        before = [(owner, name, getattr(owner, name).detach()) for owner, name in self._packed_float_state()]
+        super()._apply(fn, recurse)
+        for owner, name, old in before:
+            new = getattr(owner, name)
+            if new.dtype == old.dtype:
+                continue
+            kept = old.to(device=new.device)
+            if isinstance(new, nn.Parameter):
+                new.data = kept
+            else:
+                owner._buffers[name] = kept
+        return self
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"BitLinear expected last dimension {self.in_features}, got input of shape {tuple(x.shape)}")
         if self.is_packed:
+            out_dtype = x.dtype
+            if out_dtype in _NARROW_FLOATS:
+                # bf16/fp16 activations (a model cast with ``.to(torch.bfloat16)``): the norm, the int8 quantization
+                # and the rescale run in float32 on the exactly upcast input, as the float32 model would for the
+                # same values; only the output is rounded to the input dtype.
+                x = x.float()
             impl = self.packed_kernel
             if impl is not None and getattr(impl, "applies_rms_norm", False):
                 y = impl(self, x)  # the kernel fuses the norm into its activation quantization
             else:
                 y = (impl or packed_linear_reference)(self, x if self.rms_norm is None else self.rms_norm(x))
+            y = y.to(out_dtype)
             # same outcome whichever path ran: training through a packed layer fails at backward, with a reason
             return _InferenceOnly.apply(y) if y.requires_grad else y
         if self.rms_norm is not None:

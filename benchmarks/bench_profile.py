@@ -1,0 +1,140 @@
+"""Where a packed st_bitnet forward spends its time: torch.profiler shares per part, float32 rest vs bf16 rest.
+
+Parts: ``bitlinear`` (every packed BitLinear: its norm, int8 quantization and ternary kernel), ``attention``
+(``aten::scaled_dot_product_attention``), ``norms`` (the model's own RMSNorm / LayerNorm modules, q/k norms
+included), ``rotary`` (the rotary-embedding module and ``apply_rotary_pos_emb``), ``activations`` (the MLP's
+``act_fn``), ``embedding`` (``aten::embedding``) and ``other`` (the rest of the forward: residual adds, reshapes,
+masks, transformers' module code). Parts are marked with ``torch.profiler.record_function`` around the modules
+(forward pre/post hooks); shares are of the whole forward's wall time as the profiler records it.
+
+Run through ``bench_side_by_side.py --profile`` (or ``python benchmarks/bench_profile.py --models qwen3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_encode import _hf_model  # noqa: E402
+
+import st_bitnet  # noqa: E402
+from st_bitnet.bitlinear import BitLinear  # noqa: E402
+from st_bitnet.ops import register_kernels  # noqa: E402
+
+PARTS = ("bitlinear", "attention", "norms", "rotary", "activations", "embedding", "other")
+_OPS = {"aten::scaled_dot_product_attention": "attention", "aten::embedding": "embedding"}
+_LABEL = "sbs::"
+
+
+def _part_of(name: str, module: torch.nn.Module) -> str | None:
+    if isinstance(module, BitLinear):
+        return "bitlinear"
+    cls = type(module).__name__
+    if cls.endswith(("RMSNorm", "LayerNorm")) and cls != "BitRMSNorm":
+        return "norms"
+    if cls.endswith("RotaryEmbedding"):
+        return "rotary"
+    if name.endswith("act_fn"):
+        return "activations"
+    return None
+
+
+@contextlib.contextmanager
+def labelled(model: torch.nn.Module):
+    """Wrap each part's modules (and transformers' ``apply_rotary_pos_emb``) in ``record_function`` labels."""
+    handles, patched = [], []
+    for name, module in model.named_modules():
+        part = _part_of(name, module)
+        if part is None:
+            continue
+        stack = []
+
+        def pre(mod, args, part=part, stack=stack):
+            ctx = record_function(_LABEL + part)
+            ctx.__enter__()
+            stack.append(ctx)
+
+        def post(mod, args, out, stack=stack):
+            stack.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    for mod in {type(m).__module__ for m in model.modules()}:
+        module = sys.modules.get(mod)
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        if fn is not None:
+            def wrapped(*a, _fn=fn, **kw):
+                with record_function(_LABEL + "rotary"):
+                    return _fn(*a, **kw)
+
+            setattr(module, "apply_rotary_pos_emb", wrapped)
+            patched.append((module, fn))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, fn in patched:
+            module.apply_rotary_pos_emb = fn
+
+
+def breakdown(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, runs: int = 3) -> dict:
+    """Shares of the forward's time per part (means over ``runs`` profiled forwards after one warm-up)."""
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+        with labelled(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                with record_function(_LABEL + "forward"):
+                    model(input_ids=ids, attention_mask=mask)
+    totals = {}
+    for event in prof.events():
+        key = event.name[len(_LABEL):] if event.name.startswith(_LABEL) else _OPS.get(event.name)
+        if key is not None:
+            totals[key] = totals.get(key, 0.0) + event.cpu_time_total
+    forward = totals.pop("forward")
+    share = {part: totals.get(part, 0.0) / forward for part in PARTS if part != "other"}
+    share["other"] = max(0.0, 1.0 - sum(share.values()))
+    return {"share": share, "forward_ms": forward / runs / 1000.0}
+
+
+def profile_st_bitnet(model_name: str, layers: int, shapes) -> dict:
+    """``{"<variant> @ BxS": breakdown}`` for the packed model with a float32 rest and with a bf16 rest."""
+    torch.manual_seed(0)
+    packed = st_bitnet.pack(st_bitnet.convert(_hf_model(model_name, layers))).eval()
+    models = {"st_bitnet": packed, "st_bitnet-bf16": copy.deepcopy(packed).to(torch.bfloat16)}
+    out = {}
+    for batch, seq in shapes:
+        ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        for variant, m in models.items():
+            out[f"{variant} @ {batch}x{seq}"] = breakdown(m, ids, torch.ones_like(ids))
+            print(model_name, variant, f"{batch}x{seq}",
+                  {k: f"{100 * v:.0f}%" for k, v in out[f"{variant} @ {batch}x{seq}"]["share"].items()}, flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["qwen3", "gemma3"])
+    p.add_argument("--layers", type=int, default=None, help="default: the real depth")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register_kernels()
+    from bench_side_by_side import FULL_LAYERS
+
+    result = {m: profile_st_bitnet(m, args.layers or FULL_LAYERS[m], ((1, 32), (8, 128))) for m in args.models}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
