@@ -166,12 +166,12 @@ def test_card_replaces_a_readme_copied_from_the_source_model(tmp_path):
     assert "s2orc" not in text and "all-MiniLM-L6-v2" not in text and ST_CARD_MARKER not in text
 
 
-def test_trained_and_packed_recipe_output_card_records_the_training(tmp_path, tiny_model_dir):
+def test_trained_and_packed_recipe_output_card_records_the_training(tmp_path, tiny_model_dir, pairs_file):
     from st_bitnet.training import run_recipe
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny_cpu.yaml"
     overrides = [f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "training.max_steps=2",
-                 "evaluation=[]", "teacher=null", "model.pack=true", "datasets=[{name: msrp, max_rows: 16}]",
+                 "evaluation=[]", "teacher=null", "model.pack=true", f"datasets=[{{name: {pairs_file}, max_rows: 16}}]",
                  "loss={contrastive: {type: MultipleNegativesRankingLoss}}", "training.save_steps=100"]  # fmt: skip
     run_recipe(recipe, overrides)
     text = (tmp_path / "run" / "packed" / "README.md").read_text()
