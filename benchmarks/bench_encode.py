@@ -227,13 +227,18 @@ def main(argv=None):
                 f"{r['compiled_max_abs_diff_vs_eager']:.3g} ({r['eager_max_abs']:.3g}) |"
             )
     table = "\n".join(lines)
-    print("\n" + table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    write_results(args.out, meta, results, table)
     return results
+
+
+def write_results(out: str, meta: dict, results: dict, table: str) -> None:
+    """Print the markdown table and write ``out``.json (meta + results) and ``out``.md (the table)."""
+    print("\n" + table)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_encode import _cpu_name, _hf_model, _time_interleaved  # noqa: E402
+from bench_encode import _cpu_name, _hf_model, _time_interleaved, write_results  # noqa: E402
 
 import st_bitnet  # noqa: E402  (bench_encode put the checkout first on sys.path)
 from st_bitnet.ops import cpu_kernel, register_kernels  # noqa: E402
@@ -299,13 +299,7 @@ def main(argv=None):
         results[model] = r
     meta["loadavg_after"] = os.getloadavg()
     meta["seconds"] = time.perf_counter() - start
-    table = render(meta, results)
-    print("\n" + table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    write_results(args.out, meta, results, render(meta, results))
     return {"meta": meta, "results": results}
 
 

@@ -444,13 +444,18 @@ def part_analysis(which: str, splits) -> dict:
     return result
 
 
-def part_fixes(which: str, splits, analysis: dict | None, write=None, only: list[str] | None = None) -> dict:
-    t0 = time.time()
+def teacher_side(which: str, splits):
+    """The fp32 model, its analysis features and records, and its held-out features and embeddings."""
     teacher = load_model(which)
     features = features_of(teacher, splits["analysis"])
     batches, by_keyword, _ = teacher_records(teacher, features)
     heldout = features_of(teacher, splits["heldout"])
-    teacher_emb = held_out_embeddings(teacher, heldout)
+    return teacher, features, batches, by_keyword, heldout, held_out_embeddings(teacher, heldout)
+
+
+def part_fixes(which: str, splits, analysis: dict | None, write=None, only: list[str] | None = None) -> dict:
+    t0 = time.time()
+    teacher, features, batches, by_keyword, heldout, teacher_emb = teacher_side(which, splits)
     calib = splits["analysis"]
     n_blocks = len(find_transformer_blocks(teacher))
     weights = projection_bytes(teacher, which)
@@ -535,11 +540,7 @@ def part_warmstart(which: str, splits, args) -> dict:
     from st_bitnet.training.blockwise import BlockwiseConfig, blockwise_warm_start
 
     t0 = time.time()
-    teacher = load_model(which)
-    features = features_of(teacher, splits["analysis"])
-    batches, by_keyword, _ = teacher_records(teacher, features)
-    heldout = features_of(teacher, splits["heldout"])
-    teacher_emb = held_out_embeddings(teacher, heldout)
+    teacher, features, batches, by_keyword, heldout, teacher_emb = teacher_side(which, splits)
     out = {"model": which, "machine": machine(), "runs": {}}
     for start in args.starts:
         norm, _, calibrated = start.partition("+")
