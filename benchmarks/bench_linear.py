@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from st_bitnet.bitlinear import ternary_linear_reference  # noqa: E402
 from st_bitnet.ops import cpu_kernel, register_kernels  # noqa: E402
-from st_bitnet.ops.layouts import to_layout  # noqa: E402
+from st_bitnet.ops.layouts import pack_amx64, to_layout  # noqa: E402
 
 # (name, K, N) of every linear of one layer
 SHAPES = {
@@ -88,6 +88,11 @@ def bench_shape(m, k, n, device, repeats, warmup, variants):
     fns = {}
     if device.type == "cpu":
         fns["kernel"] = (lambda blob=to_layout(w_q, "tile16"): op(x, blob, ws, None, n, "tile16"))
+        amx = cpu_kernel.amx_library()
+        if amx is not None:  # both CPU paths side by side: 2-bit weights (VNNI) and int8-resident tiles (AMX)
+            vnni = cpu_kernel.load_library()
+            fns["kernel vnni 2bit"] = lambda blob=to_layout(w_q, "tile16"): cpu_kernel.run_tile16(vnni, x, blob, ws, None, n)
+            fns["kernel amx int8"] = lambda blob=pack_amx64(w_q): cpu_kernel.run_amx64(amx, x, blob, ws, None, n)
     else:
         w8, w2 = to_layout(w_q, "int8").to(device), to_layout(w_q, "packed2").to(device)
         fns["kernel int8"] = lambda: op(x_bf, w8, ws, None, n, "int8")
@@ -133,6 +138,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_isa": cpu_kernel.isa() if device.type == "cpu" else None,
+        "cpu_amx": device.type == "cpu" and cpu_kernel.amx_library() is not None,
         "loadavg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     rows = []

@@ -14,6 +14,12 @@ passes ``tile16`` directly and nothing is repacked per call.
 Environment: ``ST_BITNET_CPU_ISA=native|avx2|scalar`` forces a build variant (default ``native``:
 ``-march=native``, the C file picks AVX-512 VNNI / AVX2 / NEON dotprod / scalar from the compiler's
 macros).
+
+AMX: on CPUs that report AMX-TILE + AMX-INT8 (Intel Sapphire Rapids and later), :func:`amx_library` builds the
+same source once more with ``-DST_WITH_AMX -mamx-tile -mamx-int8``, asks the OS for the tile registers
+(``st_amx_init``: CPUID + ``arch_prctl``, safe on any CPU) and runs a self-test against the reference; only a
+library that passes all three is used (``ST_BITNET_CPU_AMX=off`` disables it). Its weights are ``amx64`` int8
+tiles (:func:`st_bitnet.ops.layouts.pack_amx64`), built once per layer.
 """
 
 from __future__ import annotations
@@ -32,14 +38,17 @@ from pathlib import Path
 
 import torch
 
-from .layouts import decode_weight, has_invalid_codes, pack_tile16
-from .modes import cpu_isa, kernels_enabled
+from .layouts import AMX_TILE_K, decode_weight, has_invalid_codes, pack_amx64, pack_tile16
+from .modes import cpu_amx_mode, cpu_isa, kernels_enabled
 from .ternary_linear import check_inputs, reference_impl, ternary_linear
 from .weight_cache import WeightCache
 
 SOURCE = Path(__file__).with_name("ternary_linear_cpu.c")
 ABI_VERSION = 2
 VARIANTS = ("native", "avx2", "scalar")
+AMX_FLAGS = ("-mamx-tile", "-mamx-int8", "-DST_WITH_AMX")
+# Below this many tokens the AMX path's 16-row tiles are mostly padding: the VNNI path is used.
+AMX_MIN_TOKENS = 16
 
 _lock = threading.Lock()
 _libs: dict[str, object] = {}  # variant -> ctypes.CDLL, or an error string when the build failed
@@ -88,6 +97,8 @@ def _variant_flags(variant: str) -> list[str]:
         return ["-mavx2", "-mfma", "-mno-avx512f"]
     if variant == "scalar":
         return ["-DST_FORCE_SCALAR"]
+    if variant == "amx":
+        return ["-march=native", *AMX_FLAGS]
     raise ValueError(f"unknown CPU kernel variant {variant!r}; expected one of {VARIANTS}")
 
 
@@ -103,7 +114,9 @@ def _build_attempts(flags: list[str]) -> list[list[str]]:
     ``-march`` flags, then without them (compilers that do not know ``-march=native``)."""
     attempts = []
     for omp in (["-fopenmp"], []):
-        for march in (flags, [f for f in flags if not f.startswith("-march")]):
+        # the AMX build needs its -march target (no fallback without it)
+        marches = (flags,) if "-DST_WITH_AMX" in flags else (flags, [f for f in flags if not f.startswith("-march")])
+        for march in marches:
             if [*march, *omp] not in attempts:
                 attempts.append([*march, *omp])
     return attempts
@@ -180,6 +193,13 @@ def _bind(path: Path):
     lib.st_quantize_f32.argtypes = [vp, i64, i64, i64, vp, f32, i32, vp, i64, vp, vp, vp]
     lib.st_mean_sq_f32.restype = ctypes.c_int
     lib.st_mean_sq_f32.argtypes = [vp, i64, i64, i64, i32, vp]
+    if hasattr(lib, "st_amx_init"):
+        lib.st_amx_init.restype = ctypes.c_int
+        lib.st_amx_init.argtypes = []
+        lib.st_ternary_linear_amx_f32.restype = ctypes.c_int
+        lib.st_ternary_linear_amx_f32.argtypes = [
+            vp, i64, i64, i64, vp, f32, i32, vp, vp, i64, i64, f32, vp, vp, i64, vp, vp, i32
+        ]
     return lib
 
 
@@ -223,6 +243,57 @@ def isa(variant: str | None = None) -> str | None:
     return None if lib is None else lib.st_isa().decode()
 
 
+def cpu_reports_amx() -> bool:
+    """Whether the kernel's CPU flags list AMX-TILE and AMX-INT8 (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"amx_tile", "amx_int8"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def amx_library():
+    """The AMX-enabled library when this process may use it, else None (decided once per process).
+
+    Needs: ``ST_BITNET_CPU_AMX`` not ``off``, the default ``native`` ISA, x86-64 Linux whose CPU flags list
+    AMX-INT8, a compiler that builds the AMX variant, ``st_amx_init() == 0`` (CPUID and the OS permission) and
+    a self-test bit-identical to the reference. A CPU that reports AMX but fails a later step warns once.
+    """
+    if cpu_amx_mode() == "off" or cpu_isa() != "native":
+        return None
+    lib = _libs.get("amx")
+    if lib is None:
+        with _lock:
+            lib = _libs.get("amx")
+            if lib is None:
+                lib = _load_amx()
+                _libs["amx"] = lib
+    if isinstance(lib, str):
+        return None
+    return lib
+
+
+def _load_amx():
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux" or not cpu_reports_amx():
+        return "the CPU reports no AMX-INT8"
+    try:
+        lib = _bind(build_library("amx"))
+        rc = lib.st_amx_init()
+        if rc != 0:
+            raise RuntimeError(f"st_amx_init returned {rc} (no AMX-INT8 in CPUID, or the OS refused the tile data)")
+        _self_test_amx(lib)
+        return lib
+    except Exception as e:
+        message = f"{type(e).__name__}: {e}"
+        warnings.warn(f"st_bitnet: the CPU reports AMX but its kernel is unusable ({message.splitlines()[0][:300]}); "
+                      "using the AVX-512 VNNI path (same numbers).", RuntimeWarning, stacklevel=4)
+        return message
+
+
 # --------------------------------------------------------------------------------------------------
 # Calling
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +331,32 @@ def _probe_vec_width(lib) -> int | None:
     return _vec_widths[key]
 
 
+def _kernel_inputs(lib, x: torch.Tensor, bias, weight_scale, norm_weight):
+    """What both C entry points take besides the weights: flat float32 rows and the norm / scale / bias pointers."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if norm_weight is not None:
+        if x2.dtype != torch.float32 or norm_weight.dtype != torch.float32 or norm_weight.numel() != k:
+            raise ValueError("a fused norm needs float32 x and a float32 norm weight of size in_features")
+        norm_weight = norm_weight.detach().contiguous()
+    elif x2.dtype != torch.float32:
+        x2 = x2.float()  # exact for bf16/fp16; the reference rounds float64 the same way
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    ws = float(weight_scale.detach().reshape(()).to(torch.float32))
+    nw_ptr, vw, var = None, 0, None
+    if norm_weight is not None and x2.shape[0]:
+        nw_ptr = norm_weight.data_ptr()
+        vw = _probe_vec_width(lib) or 0
+        # torch's summation order also depends on the input's memory layout: the replay covers
+        # contiguous inputs; otherwise take torch's own variance of the original x (exact by definition)
+        if vw == 0 or k >= _SUMSQ_MAX_K or not x.is_contiguous():
+            var = x.pow(2).mean(-1).reshape(-1).contiguous()
+    # norm_weight and b are returned so that their memory lives as long as the pointers are used
+    return x2, b, ws, norm_weight, nw_ptr, vw, var
+
+
 def run_tile16(
     lib,
     x: torch.Tensor,
@@ -278,15 +375,7 @@ def run_tile16(
     ``ternary_linear_reference(BitRMSNorm(x), ...)``.
     """
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if norm_weight is not None:
-        if x2.dtype != torch.float32 or norm_weight.dtype != torch.float32 or norm_weight.numel() != k:
-            raise ValueError("run_tile16: a fused norm needs float32 x and a float32 norm weight of size in_features")
-        norm_weight = norm_weight.detach().contiguous()
-    elif x2.dtype != torch.float32:
-        x2 = x2.float()  # exact for bf16/fp16; the reference rounds float64 the same way
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < k):
-        x2 = x2.contiguous()
+    x2, b, ws, norm_weight, nw_ptr, vw, var = _kernel_inputs(lib, x, bias, weight_scale, norm_weight)
     m = x2.shape[0]
     kp = blob.shape[1] * 16
     y = torch.empty(m, out_features, dtype=torch.float32)
@@ -294,18 +383,6 @@ def run_tile16(
         xq = torch.empty(m * kp, dtype=torch.int8)
         xs = torch.empty(m, dtype=torch.float32)
         xsum = torch.empty(m, dtype=torch.int32)
-        b = None
-        if bias is not None:
-            b = bias.detach().to(torch.float32).contiguous()
-        ws = float(weight_scale.detach().reshape(()).to(torch.float32))
-        nw_ptr, vw, var = None, 0, None
-        if norm_weight is not None:
-            nw_ptr = norm_weight.data_ptr()
-            vw = _probe_vec_width(lib) or 0
-            # torch's summation order also depends on the input's memory layout: the replay covers
-            # contiguous inputs; otherwise take torch's own variance of the original x (exact by definition)
-            if vw == 0 or k >= _SUMSQ_MAX_K or not x.is_contiguous():
-                var = x.pow(2).mean(-1).reshape(-1).contiguous()
         rc = lib.st_ternary_linear_f32(
             x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, nw_ptr, float(norm_eps), vw,
             None if var is None else var.data_ptr(), blob.data_ptr(), out_features, kp, ws,
@@ -314,6 +391,39 @@ def run_tile16(
         )
         if rc != 0:
             raise RuntimeError(f"st_bitnet CPU kernel rejected its arguments (code {rc})")
+    y = y.reshape(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def run_amx64(
+    lib,
+    x: torch.Tensor,
+    blob: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias,
+    out_features: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+):
+    """:func:`run_tile16` on the AMX path: ``blob`` is an ``amx64`` tensor, ``lib`` from :func:`amx_library`."""
+    if blob.dtype != torch.int8 or blob.dim() != 4 or blob.shape[2:] != (16, 64):
+        raise ValueError(f"run_amx64 expects an amx64 int8 blob (nb, kb, 16, 64), got {blob.dtype} {tuple(blob.shape)}")
+    k = x.shape[-1]
+    x2, b, ws, norm_weight, nw_ptr, vw, var = _kernel_inputs(lib, x, bias, weight_scale, norm_weight)
+    m = x2.shape[0]
+    kp = blob.shape[1] * AMX_TILE_K
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m:
+        xq = torch.empty(-(-m // 16) * 16 * kp, dtype=torch.int8)
+        xs = torch.empty(m, dtype=torch.float32)
+        rc = lib.st_ternary_linear_amx_f32(
+            x2.data_ptr(), m, k, x2.stride(0) if m > 1 else k, nw_ptr, float(norm_eps), vw,
+            None if var is None else var.data_ptr(), blob.data_ptr(), out_features, kp, ws,
+            None if b is None else b.data_ptr(), y.data_ptr(), out_features, xq.data_ptr(), xs.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise RuntimeError(f"st_bitnet AMX kernel rejected its arguments (code {rc})")
     y = y.reshape(*x.shape[:-1], out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -334,12 +444,21 @@ def tile16_weight(weight: torch.Tensor, layout: str, out_features: int, in_featu
     return _cache.get(weight, f"tile16<-{layout}", build)
 
 
+def amx64_weight(weight: torch.Tensor, layout: str, out_features: int, in_features: int) -> torch.Tensor:
+    """The ``amx64`` form of ``weight`` (validated; converted once per weight tensor and version)."""
+    return _cache.get(weight, f"amx64<-{layout}",
+                      lambda: pack_amx64(decode_weight(weight, layout, out_features, in_features)))
+
+
 def ternary_linear_cpu(x, weight, weight_scale, bias, out_features, layout):
     """CPU implementation registered on the op: the C kernel, or the reference when unavailable."""
     check_inputs(x, weight, weight_scale, bias, out_features, layout)
     lib = load_library() if kernels_enabled() else None
     if lib is None:
         return reference_impl(x, weight, weight_scale, bias, out_features, layout)
+    amx = amx_library() if x.numel() // max(x.shape[-1], 1) >= AMX_MIN_TOKENS else None
+    if amx is not None:
+        return run_amx64(amx, x, amx64_weight(weight, layout, out_features, x.shape[-1]), weight_scale, bias, out_features)
     blob = tile16_weight(weight, layout, out_features, x.shape[-1])
     return run_tile16(lib, x, blob, weight_scale, bias, out_features)
 
@@ -374,3 +493,23 @@ def _self_test(lib) -> None:
         got_normed = run_tile16(lib, x, pack_tile16(w), ws, bias, n, norm.weight, norm.variance_epsilon)
         if not (torch.equal(got, want) and torch.equal(got_normed, want_normed)):
             raise RuntimeError(f"CPU kernel self-test failed ({lib.st_isa().decode()}, shape {m}x{k}x{n})")
+
+
+def _self_test_amx(lib) -> None:
+    """Refuse an AMX library that disagrees with the reference (tails in M, N and K, bias, fused norm)."""
+    from ..bitlinear import BitRMSNorm, ternary_linear_reference
+
+    g = torch.Generator().manual_seed(1)
+    for m, k, n in ((1, 70, 37), (17, 33, 18), (40, 200, 50), (16, 64, 16), (33, 129, 70)):
+        x = torch.randn(m, k, generator=g)
+        w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        ws = torch.tensor([1.3])
+        bias = torch.randn(n, generator=g)
+        norm = BitRMSNorm(k, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+            want_normed = ternary_linear_reference(norm(x), w, ws, bias)
+        got = run_amx64(lib, x, pack_amx64(w), ws, bias, n)
+        got_normed = run_amx64(lib, x, pack_amx64(w), ws, bias, n, norm.weight, norm.variance_epsilon)
+        if not (torch.equal(got, ternary_linear_reference(x, w, ws, bias)) and torch.equal(got_normed, want_normed)):
+            raise RuntimeError(f"AMX kernel self-test failed (shape {m}x{k}x{n})")

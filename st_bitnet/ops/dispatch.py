@@ -4,7 +4,8 @@
 reads and keeps it in ``module._kernel_state`` (BitLinear drops that cache on ``.to()``; a changed
 weight tensor, e.g. after ``load_state_dict``, is detected too):
 
-* CPU: ``tile16`` (2-bit, same memory as on disk).
+* CPU: ``tile16`` (2-bit, same memory as on disk); on AMX CPUs also ``amx64`` int8 tiles (4x), built at the first
+  call of at least ``cpu_kernel.AMX_MIN_TOKENS`` tokens, which then run on the tile unit.
 * CUDA: ``int8`` (4x the disk size) for large batches, where int8 tensor cores win, and the on-disk
   ``packed2`` for small batches, where reading 8x fewer weight bytes wins. Choose with
   ``ST_BITNET_GPU_WEIGHTS=auto|int8|2bit`` (``auto`` keeps both; ``2bit`` saves memory).
@@ -24,7 +25,7 @@ import torch
 
 from ..bitlinear import packed_linear_reference, unpack_ternary
 from . import cpu_kernel
-from .layouts import pack_tile16
+from .layouts import pack_amx64, pack_tile16
 from .modes import gpu_weight_mode, kernels_enabled
 
 # CUDA: at or above this many tokens, use int8-resident weights (tensor-core bound); below, 2-bit.
@@ -117,10 +118,13 @@ def packed_forward(module, x: torch.Tensor) -> torch.Tensor:
             if ws.numel() != 1 or (bias is not None and bias.shape != (module.out_features,)):
                 # malformed module: let the op raise its clear error
                 return packed_linear(module, x if norm is None else norm(x))
-            return cpu_kernel.run_tile16(
-                lib, x, state["cpu"], ws, bias, module.out_features,
-                None if norm is None else norm.weight, 0.0 if norm is None else norm.variance_epsilon,
-            )
+            norm_args = (None if norm is None else norm.weight, 0.0 if norm is None else norm.variance_epsilon)
+            amx = cpu_kernel.amx_library() if x.numel() // x.shape[-1] >= cpu_kernel.AMX_MIN_TOKENS else None
+            if amx is not None:
+                if "amx" not in state:
+                    state["amx"] = pack_amx64(unpack_ternary(module.weight, module.out_features))
+                return cpu_kernel.run_amx64(amx, x, state["amx"], ws, bias, module.out_features, *norm_args)
+            return cpu_kernel.run_tile16(lib, x, state["cpu"], ws, bias, module.out_features, *norm_args)
     if norm is not None:
         x = norm(x)
     return packed_linear(module, x)

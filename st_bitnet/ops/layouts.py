@@ -10,6 +10,11 @@ one they read fastest and the reference decodes any of them back to ``int8 (N, K
 * ``"tile16"``: ``uint8 (ceil(N/16), ceil(K/16), 64)``, the CPU kernel's layout (see
   ``ternary_linear_cpu.c``): byte ``o*4 + kk`` of block ``[b, g]`` holds, in bits ``2s..2s+1``,
   ``w + 1`` of output ``16b + o`` at input ``16g + 4s + kk``. Padding rows/columns hold code 1 (w = 0).
+
+The CPU kernel's AMX path reads one more form, built from the ternary matrix at load (not an op layout):
+
+* ``amx64``: ``int8 (ceil(N/16), ceil(K/64), 16, 64)``, one AMX B tile per block ``[b, g]``: row ``r``, byte
+  ``4*o + i`` holds ``w`` of output ``16b + o`` at input ``64g + 4r + i``; padding holds 0.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..bitlinear import pack_ternary, unpack_ternary
 LAYOUTS = ("int8", "packed2", "tile16")
 TILE_N = 16
 TILE_K = 16
+AMX_TILE_K = 64
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -71,6 +77,25 @@ def unpack_tile16(blob: torch.Tensor, out_features: int, in_features: int) -> to
     parts = parts.view(nb, kg, 4, TILE_N, 4).permute(0, 3, 1, 2, 4)  # [b, o, g, s, kk]
     codes = parts.reshape(nb * TILE_N, kg * TILE_K)[:out_features, :in_features]
     return codes.to(torch.int8) - 1
+
+
+def pack_amx64(w_q: torch.Tensor) -> torch.Tensor:
+    """``int8 (N, K)`` ternary weights -> the AMX path's ``amx64`` tiles (a fresh contiguous ``int8`` tensor)."""
+    if w_q.dim() != 2:
+        raise ValueError(f"pack_amx64 expects a 2-D (out_features, in_features) tensor, got {tuple(w_q.shape)}")
+    n, k = w_q.shape
+    nb, kb = _ceil_div(n, TILE_N), _ceil_div(k, AMX_TILE_K)
+    padded = torch.zeros(nb * TILE_N, kb * AMX_TILE_K, dtype=torch.int8, device=w_q.device)
+    padded[:n, :k] = w_q
+    # [b, o, g, r, i] -> [b, g, r, o, i]
+    return padded.view(nb, TILE_N, kb, 16, 4).permute(0, 2, 3, 1, 4).reshape(nb, kb, 16, 64).contiguous()
+
+
+def unpack_amx64(blob: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_amx64`: ``amx64`` tiles -> ``int8 (N, K)``."""
+    nb, kb = blob.shape[:2]
+    full = blob.view(nb, kb, 16, TILE_N, 4).permute(0, 3, 1, 2, 4).reshape(nb * TILE_N, kb * AMX_TILE_K)
+    return full[:out_features, :in_features].contiguous()
 
 
 def to_layout(w_q: torch.Tensor, layout: str) -> torch.Tensor:

@@ -5,6 +5,9 @@
 * ``ST_BITNET_GPU_WEIGHTS=auto|int8|2bit``: the weight layout kept on CUDA (``auto`` keeps int8 for large batches
   and the on-disk 2-bit codes for small ones; ``2bit`` saves memory, ``int8`` speed).
 * ``ST_BITNET_CPU_ISA=native|avx2|scalar``: the instruction set the CPU kernel is compiled for.
+* ``ST_BITNET_CPU_AMX=auto|off``: ``auto`` (default) multiplies on Intel AMX tiles where the CPU, the OS and the
+  compiler allow it and the library passes its self-test (int8-resident weights, 4x the 2-bit memory); ``off``
+  keeps the AVX-512 VNNI / AVX2 path.
 
 This module imports nothing from the kernels, so every kernel module can read the switches.
 
@@ -21,6 +24,7 @@ import os
 KERNEL_MODES = ("auto", "reference")
 GPU_WEIGHT_MODES = ("auto", "int8", "2bit")
 DEFAULT_CPU_ISA = "native"
+CPU_AMX_MODES = ("auto", "off")
 
 _mode: str | None = None
 _env_cache: tuple[str | None, str] | None = None  # (raw $ST_BITNET_KERNEL, parsed mode)
@@ -72,3 +76,11 @@ def gpu_weight_mode() -> str:
 def cpu_isa() -> str:
     """``$ST_BITNET_CPU_ISA`` (default ``native``): the instruction set the CPU kernel is built for."""
     return os.environ.get("ST_BITNET_CPU_ISA", DEFAULT_CPU_ISA)
+
+
+def cpu_amx_mode() -> str:
+    """``$ST_BITNET_CPU_AMX`` (default ``auto``), checked against :data:`CPU_AMX_MODES`."""
+    mode = os.environ.get("ST_BITNET_CPU_AMX", "auto").strip().lower() or "auto"
+    if mode not in CPU_AMX_MODES:
+        raise ValueError(f"ST_BITNET_CPU_AMX must be one of {CPU_AMX_MODES}, got {mode!r}")
+    return mode

@@ -38,6 +38,10 @@
  *
  * Optionally BitLinear's RMSNorm is fused into the quantization pass (x -> w_norm * (x * rsqrt(mean(x^2) + eps)),
  * see "Fused RMSNorm" below), bit-exact with st_bitnet.bitlinear.BitRMSNorm followed by the reference.
+ *
+ * Built with -DST_WITH_AMX (and -mamx-tile -mamx-int8 on an AVX-512 VNNI target), the library also exports an
+ * AMX path (st_ternary_linear_amx_f32, see "AMX" at the end) that multiplies int8-resident weights with the
+ * tile instruction TDPBSSD; the quantization and the epilogue are the ones above, so its results are the same.
  */
 #include <float.h>
 #include <math.h>
@@ -667,3 +671,177 @@ int st_mean_sq_f32(const float *x, int64_t M, int64_t K, int64_t ldx, int vw, fl
     for (int64_t m = 0; m < M; ++m) out[m] = torch_sumsq(x + m * ldx, K, vw) / (float)K;
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------ */
+/* AMX (Intel Sapphire Rapids and later): TDPBSSD on 16 x 64-byte tiles.                             */
+/*                                                                                                  */
+/* Weight layout "amx64" (st_bitnet.ops.layouts.pack_amx64): int8 [ceil(N/16)][Kp/64][16][64] with   */
+/* Kp = ceil(K/64) * 64. Block [b, g] is one B tile: row r, byte 4*o + i holds w (in {-1, 0, 1}) of  */
+/* output 16b + o at input 64g + 4r + i, zero padded. The activations are the xq rows above, padded  */
+/* to Kp with zeros and to a multiple of 16 rows. TDPBSSD adds, per (token, output), the products of  */
+/* 4 consecutive signed bytes: acc = sum_k w * x_q exactly (|acc| <= 128 * K < 2^31), the value the  */
+/* VNNI path gets as acc - xsum, so the same epilogue gives the same float.                         */
+/* The tile registers need the kernel's permission (arch_prctl ARCH_REQ_XCOMP_PERM, once per process) */
+/* and a tile configuration per thread. Register use: C tiles 0-3 (2 x 2 blocks of 16 x 16 int32),   */
+/* A tiles 4-5 (16 tokens x 64 bytes), B tiles 6-7 (one 16-output block each).                      */
+/* ------------------------------------------------------------------------------------------------ */
+#if defined(ST_WITH_AMX)
+#if !defined(ST_ISA_AVX512VNNI) || !defined(__AMX_TILE__) || !defined(__AMX_INT8__)
+#error "the AMX build needs an AVX-512 VNNI target and -mamx-tile -mamx-int8"
+#endif
+#include <cpuid.h>
+#include <sys/syscall.h>
+long syscall(long number, ...); /* <unistd.h> declares it only outside strict -std=c11 */
+
+#define ST_ARCH_GET_XCOMP_PERM 0x1022
+#define ST_ARCH_REQ_XCOMP_PERM 0x1023
+#define ST_XFEATURE_XTILEDATA 18
+#define ST_AMX_PANEL_N 16 /* 16-output blocks per cache panel: 256 outputs x Kp bytes of weights */
+
+/* 0 when this CPU has AMX-TILE and AMX-INT8 and the OS lets the process use the tile data; a negative
+   code otherwise. Only CPUID and arch_prctl run here, so it is safe to call on any x86-64 CPU. */
+int st_amx_init(void) {
+    unsigned int eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return -1;
+    if (!(edx & (1u << 24)) || !(edx & (1u << 25))) return -2; /* AMX-TILE, AMX-INT8 */
+    if (syscall(SYS_arch_prctl, ST_ARCH_REQ_XCOMP_PERM, ST_XFEATURE_XTILEDATA) != 0) return -3;
+    unsigned long mask = 0;
+    if (syscall(SYS_arch_prctl, ST_ARCH_GET_XCOMP_PERM, &mask) != 0) return -4;
+    return (mask & (1ul << ST_XFEATURE_XTILEDATA)) ? 0 : -5;
+}
+
+typedef struct __attribute__((packed, aligned(64))) {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} st_tile_config;
+
+static void amx_configure(void) {
+    st_tile_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+typedef struct {
+    const int8_t *w; /* amx64 blob */
+    const int8_t *xq; /* ceil(M/16)*16 rows of Kp bytes */
+    const float *xs;
+    const float *bias;
+    float *y;
+    int64_t M, N, Kp, Kb, ldy;
+    float ws;
+} st_amx_args;
+
+/* y rows m0.. (at most 16, not past M), outputs n0..n0+15 (not past N), from one 16 x 16 int32 block. */
+static void amx_epilogue(const st_amx_args *a, const int32_t *acc, int64_t m0, int64_t n0) {
+    const int64_t left = a->N - n0;
+    if (left <= 0) return;
+    const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    const __m512 b = a->bias ? _mm512_maskz_loadu_ps(mk, a->bias + n0) : _mm512_setzero_ps();
+    for (int t = 0; t < 16 && m0 + t < a->M; ++t) {
+        const int64_t m = m0 + t;
+        const __m512 denom = _mm512_set1_ps(a->ws * a->xs[m]);
+        __m512 v = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(acc + 16 * t))), denom);
+        if (a->bias) v = _mm512_add_ps(v, b);
+        _mm512_mask_storeu_ps(a->y + m * a->ldy + n0, mk, v);
+    }
+}
+
+/* MT x NT tiles of 16 x 16 outputs (MT, NT in {1, 2}): tokens m0.., output blocks nb0.. */
+ST_ALWAYS_INLINE void amx_micro(const st_amx_args *a, int64_t m0, int64_t nb0, const int MT, const int NT) {
+    const int8_t *xa = a->xq + m0 * a->Kp;
+    const int8_t *wb = a->w + nb0 * a->Kb * 1024;
+    const int64_t next_block = a->Kb * 1024;
+    _tile_zero(0);
+    if (NT == 2) _tile_zero(1);
+    if (MT == 2) {
+        _tile_zero(2);
+        if (NT == 2) _tile_zero(3);
+    }
+    for (int64_t g = 0; g < a->Kb; ++g) {
+        _tile_loadd(4, xa + g * 64, a->Kp);
+        _tile_loadd(6, wb + g * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        if (NT == 2) {
+            _tile_loadd(7, wb + next_block + g * 1024, 64);
+            _tile_dpbssd(1, 4, 7);
+        }
+        if (MT == 2) {
+            _tile_loadd(5, xa + 16 * a->Kp + g * 64, a->Kp);
+            _tile_dpbssd(2, 5, 6);
+            if (NT == 2) _tile_dpbssd(3, 5, 7);
+        }
+    }
+    int32_t acc[4][256] __attribute__((aligned(64)));
+    _tile_stored(0, acc[0], 64);
+    if (NT == 2) _tile_stored(1, acc[1], 64);
+    if (MT == 2) {
+        _tile_stored(2, acc[2], 64);
+        if (NT == 2) _tile_stored(3, acc[3], 64);
+    }
+    for (int i = 0; i < MT; ++i)
+        for (int j = 0; j < NT; ++j) amx_epilogue(a, acc[2 * i + j], m0 + 16 * i, (nb0 + j) * 16);
+}
+
+static void amx_panel(const st_amx_args *a, int64_t m0, int64_t mtiles, int64_t nb0, int64_t nb1) {
+    const int MT = (m0 / 16 + 1 < mtiles) ? 2 : 1;
+    int64_t b = nb0;
+    if (MT == 2) {
+        for (; b + 2 <= nb1; b += 2) amx_micro(a, m0, b, 2, 2);
+        if (b < nb1) amx_micro(a, m0, b, 2, 1);
+    } else {
+        for (; b + 2 <= nb1; b += 2) amx_micro(a, m0, b, 1, 2);
+        if (b < nb1) amx_micro(a, m0, b, 1, 1);
+    }
+}
+
+/*
+ * As st_ternary_linear_f32, with w an amx64 blob (ceil(N/16), Kp/64, 16, 64) and Kp a multiple of 64;
+ * xq: int8 scratch of ceil(M/16)*16 rows of Kp bytes; xs: fp32 scratch (M). Call st_amx_init() first.
+ */
+int st_ternary_linear_amx_f32(const float *x, int64_t M, int64_t K, int64_t ldx, const float *nw, float eps, int vw,
+                              const float *var, const int8_t *w, int64_t N, int64_t Kp, float ws, const float *bias,
+                              float *y, int64_t ldy, int8_t *xq, float *xs, int nthreads) {
+    if (M < 0 || K <= 0 || N <= 0 || Kp < K || Kp % 64 != 0 || ldx < K || ldy < N) return -1;
+    if (nw && !var && (vw < 1 || vw > ST_MAX_VW)) return -2;
+    if (M == 0) return 0;
+    const int64_t mtiles = (M + 15) / 16, nblocks = (N + 15) / 16;
+    memset(xq + M * Kp, 0, (size_t)((mtiles * 16 - M) * Kp)); /* padding rows: products discarded, kept finite */
+    st_amx_args a = {w, xq, xs, bias, y, M, N, Kp, Kp / 64, ldy, ws};
+    const int64_t mpanels = (mtiles + 1) / 2, npanels = (nblocks + ST_AMX_PANEL_N - 1) / ST_AMX_PANEL_N;
+    const int64_t items = mpanels * npanels;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+    if ((double)M * (double)N * (double)K < 2.0e5) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t m = 0; m < M; ++m) {
+            int32_t xsum;
+            quantize_row(x + m * ldx, K, Kp, nw, eps, vw, var ? var + m : NULL, xq + m * Kp, xs + m, &xsum);
+        }
+        amx_configure();
+        /* a weight panel (256 outputs) stays in L2 while the thread runs every token panel over it */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t ni = it / mpanels, mi = it % mpanels;
+            const int64_t nb0 = ni * ST_AMX_PANEL_N, nb1 = nb0 + ST_AMX_PANEL_N < nblocks ? nb0 + ST_AMX_PANEL_N : nblocks;
+            amx_panel(&a, mi * 32, mtiles, nb0, nb1);
+        }
+        _tile_release();
+    }
+    return 0;
+}
+#endif /* ST_WITH_AMX */
