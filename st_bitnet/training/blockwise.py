@@ -7,6 +7,12 @@ gradient through the rest of the network, so a few thousand sentences bring ever
 full-precision function before the first end-to-end step. This is EfficientQAT's Block-AP / OmniQuant's
 block-wise reconstruction applied to a W1.58A8 student (all of a block's latent weights and norms are trained).
 
+The reconstruction loss is either the relative error above (``loss="relative"``) or the error per channel in units
+of the teacher's spread of that channel over the batch's tokens (``loss="channel_normalized"``). The second
+matters for backbones with massive, nearly constant channels (Gemma3's residual stream): there the relative error
+is dominated by those channels, which a block can fit while the sentence-dependent channels the embedding is
+pooled from stay wrong.
+
 Inputs of block ``i`` are, with ``inputs="student"`` (default), the outputs of the already warm-started student
 blocks below it, so each block also learns to undo the error that reaches it; with ``inputs="teacher"`` they are
 the teacher's own (every block independent of the others). The extra arguments a block is called with (attention
@@ -33,6 +39,7 @@ from st_bitnet.losses.hidden_state_capture import find_transformer_blocks
 logger = logging.getLogger(__name__)
 
 INPUT_MODES = ("student", "teacher")
+LOSS_MODES = ("relative", "channel_normalized")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class BlockwiseConfig:
         max_seq_length: truncation of the warm-start texts (None: the student's).
         inputs: ``"student"`` (outputs of the warm-started blocks below) or ``"teacher"``.
         held_out_batches: batches kept out of training to report each block's error before/after.
+        loss: ``"relative"`` (:func:`relative_error`) or ``"channel_normalized"`` (:func:`channel_normalized_error`).
     """
 
     texts: int = 2048
@@ -56,10 +64,13 @@ class BlockwiseConfig:
     max_seq_length: int | None = None
     inputs: str = "student"
     held_out_batches: int = 2
+    loss: str = "relative"
 
     def __post_init__(self):
         if self.inputs not in INPUT_MODES:
             raise ValueError(f"warm_start.inputs must be one of {INPUT_MODES}, got {self.inputs!r}")
+        if self.loss not in LOSS_MODES:
+            raise ValueError(f"warm_start.loss must be one of {LOSS_MODES}, got {self.loss!r}")
         for name in ("texts", "steps_per_block", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"warm_start.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -94,6 +105,23 @@ def relative_error(output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """``sum |output - target|^2 / sum |target|^2`` over the real tokens of ``mask``."""
     m = mask.to(torch.float32).unsqueeze(-1)
     return ((output.float() - target.float()) ** 2 * m).sum() / ((target.float() ** 2) * m).sum().clamp(min=1e-12)
+
+
+def channel_normalized_error(output: Tensor, target: Tensor, mask: Tensor, magnitude_floor: float = 0.01) -> Tensor:
+    """Mean over real tokens and channels of ``(output - target)^2 / s_c``, with ``s_c = var_c + magnitude_floor *
+    mean_sq_c``: the teacher's variance of channel ``c`` over the batch's real tokens plus a small share of its mean
+    square. A channel is measured against its spread over tokens; a (nearly) constant channel, however large,
+    against a tenth of its size (the default floor), so it cannot outweigh the channels that differ per sentence."""
+    m = mask.to(torch.float32).unsqueeze(-1)
+    t, o = target.float(), output.float()
+    count = m.sum().clamp(min=1.0)
+    mean = (t * m).sum(dim=(0, 1)) / count
+    var = (((t - mean) ** 2) * m).sum(dim=(0, 1)) / count
+    scale = (var + float(magnitude_floor) * (t * t * m).sum(dim=(0, 1)) / count).clamp(min=1e-12)
+    return (((o - t) ** 2 / scale) * m).sum() / (count * t.shape[-1])
+
+
+RECONSTRUCTION_LOSSES = {"relative": relative_error, "channel_normalized": channel_normalized_error}
 
 
 def _call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict, by_keyword: bool) -> Tensor:
@@ -204,6 +232,7 @@ def blockwise_warm_start(student, teacher_model, texts: list[str], config: Block
     student_was_training = student.training
     student.eval()  # no dropout: a deterministic reconstruction target
     report = []
+    reconstruction = RECONSTRUCTION_LOSSES[config.loss]
     rng = random.Random(seed + 2)
     try:
         for index, block in enumerate(s_blocks):
@@ -216,23 +245,34 @@ def blockwise_warm_start(student, teacher_model, texts: list[str], config: Block
                                              batches[j].targets[index], batches[j].mask) for j in ids]
                 return float(torch.stack(errors).mean()) if errors else float("nan")
 
+            def loss_on(ids) -> float:
+                with torch.no_grad():
+                    values = [reconstruction(_call_block(block, source[j], batches[j].args[index],
+                                                         batches[j].kwargs[index], by_keyword[index]),
+                                             batches[j].targets[index], batches[j].mask) for j in ids]
+                return float(torch.stack(values).mean()) if values else float("nan")
+
             probe = held_out or train_ids[:2]
             before = error_on(probe)
+            loss_before = loss_on(probe) if config.loss != "relative" else None
             params = [p for p in block.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=float(config.learning_rate), weight_decay=0.0)
             start = time.perf_counter()
             for _ in range(config.steps_per_block):
                 j = rng.choice(train_ids)
                 out = _call_block(block, source[j], batches[j].args[index], batches[j].kwargs[index], by_keyword[index])
-                loss = relative_error(out, batches[j].targets[index], batches[j].mask)
+                loss = reconstruction(out, batches[j].targets[index], batches[j].mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             seconds = time.perf_counter() - start
             after = error_on(probe)
-            report.append({"block": index, "relative_error_before": round(before, 5),
-                           "relative_error_after": round(after, 5), "steps": config.steps_per_block,
-                           "seconds": round(seconds, 1)})
+            entry = {"block": index, "relative_error_before": round(before, 5),
+                     "relative_error_after": round(after, 5), "steps": config.steps_per_block,
+                     "seconds": round(seconds, 1)}
+            if config.loss != "relative":
+                entry.update(loss=config.loss, loss_before=round(loss_before, 5), loss_after=round(loss_on(probe), 5))
+            report.append(entry)
             logger.info("warm start block %d: relative error %.4f -> %.4f (%d steps, %.0f s)", index, before, after,
                         config.steps_per_block, seconds)
             if config.inputs == "student":
