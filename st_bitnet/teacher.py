@@ -159,3 +159,53 @@ def precompute_teacher_scores(
     if label_column in dataset.column_names:
         dataset = dataset.remove_columns(label_column)
     return dataset.map(add_scores, batched=True, batch_size=1024)
+
+
+def precompute_teacher_embeddings(
+    dataset,
+    teacher: FrozenTeacher,
+    columns: Iterable[str] | None = None,
+    max_seq_length: int | None = None,
+    batch_size: int = 64,
+    label_column: str = "label",
+):
+    """Add the teacher's sentence embeddings of every text column to a ``datasets.Dataset`` as ``label``.
+
+    Each row gets ``label = [E(column_1), ..., E(column_n)]`` (float32, ``(n_columns, dim)``), which
+    :class:`~st_bitnet.losses.SimilarityDistributionDistillationLoss` and
+    :class:`~st_bitnet.losses.EmbeddingMSEDistillationLoss` read when they have no live teacher: the same losses (the
+    in-batch similarity matrix is built from these embeddings) without a teacher forward at every step, so a run
+    over several epochs embeds each text once. The embeddings are computed in float32 inference; a live teacher
+    under bf16 autocast gives slightly different (less precise) targets.
+
+    Args:
+        dataset: a ``datasets.Dataset`` of text columns.
+        teacher: the frozen teacher.
+        columns: the text columns, in the order the loss receives them (default: every column but ``label_column``).
+        max_seq_length: truncation (give the student's, so both see the same tokens; default: the teacher's).
+        batch_size: texts per teacher forward.
+        label_column: the column written (an existing one is replaced).
+
+    Example::
+
+        from st_bitnet.teacher import FrozenTeacher, precompute_teacher_embeddings
+        train = precompute_teacher_embeddings(train, FrozenTeacher(teacher_path), max_seq_length=student.max_seq_length)
+        loss = SimilarityDistributionDistillationLoss(student, teacher=None)
+    """
+    columns = list(columns) if columns is not None else [c for c in dataset.column_names if c != label_column]
+    if not columns:
+        raise ValueError("no text column to embed")
+    saved = teacher.model.max_seq_length
+    if max_seq_length is not None:
+        teacher.model.max_seq_length = int(max_seq_length)
+
+    def add_embeddings(batch):
+        per_column = [teacher.encode(batch[c], batch_size=batch_size) for c in columns]
+        return {label_column: torch.stack(per_column, dim=1).cpu().numpy()}
+
+    try:
+        if label_column in dataset.column_names:
+            dataset = dataset.remove_columns(label_column)
+        return dataset.map(add_embeddings, batched=True, batch_size=1024)
+    finally:
+        teacher.model.max_seq_length = saved

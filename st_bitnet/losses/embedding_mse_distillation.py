@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
+from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss, teacher_embeddings_from_labels
 
 
 class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
-    """``mean_rows ||s - t||^2`` per column, averaged over the columns, against a frozen live teacher.
+    """``mean_rows ||s - t||^2`` per column, averaged over the columns, against a frozen teacher's embeddings.
 
     With unit-norm embeddings ``||s - t||^2 = 2 - 2 cos(s, t)``: it pulls every student embedding onto the
     teacher's, which a CPU ablation (experiments/quality_ablation) found to recover a naive BitNet conversion fastest,
@@ -19,7 +19,8 @@ class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
 
     Args:
         model: the student SentenceTransformer.
-        teacher: a :class:`st_bitnet.teacher.FrozenTeacher` (required: precomputed scores carry no embeddings).
+        teacher: a :class:`st_bitnet.teacher.FrozenTeacher`, or None to read the teacher's embeddings precomputed
+            into the labels (:func:`st_bitnet.teacher.precompute_teacher_embeddings`); precomputed scores carry none.
 
     Example::
 
@@ -28,6 +29,8 @@ class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
             "similarity_kd": SimilarityDistributionDistillationLoss(student, teacher),
         })
     """
+
+    labels_in_output_space = True  # compares coordinates: a multi-precision wrapper maps teacher embeddings per precision
 
     def compute_loss_from_embeddings(self, student_embeddings: list[Tensor], teacher_embeddings: list[Tensor]) -> Tensor:
         if len(student_embeddings) != len(teacher_embeddings):
@@ -39,4 +42,8 @@ class EmbeddingMSEDistillationLoss(SimilarityDistributionDistillationLoss):
         return torch.stack(terms).mean()
 
     def compute_loss_from_labels(self, student_embeddings: list[Tensor], labels: Tensor) -> Tensor:
-        raise ValueError("EmbeddingMSEDistillationLoss needs a live teacher: precomputed scores hold no embeddings")
+        teacher = teacher_embeddings_from_labels(labels, student_embeddings)
+        if teacher is None:
+            raise ValueError("EmbeddingMSEDistillationLoss needs a live teacher or precomputed teacher embeddings "
+                             "(batch_size, n_columns, dim) as labels: precomputed scores hold no embeddings")
+        return self.compute_loss_from_embeddings(student_embeddings, teacher)

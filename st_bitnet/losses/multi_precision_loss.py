@@ -14,7 +14,7 @@ from st_bitnet.multi_precision.encode import find_quantizer
 from st_bitnet.multi_precision.precision import BITS, resolve_bits
 from st_bitnet.multi_precision.quantizer import MultiPrecisionQuantizer
 
-from .traits import multi_precision_wrappable, why_not_multi_precision_wrappable
+from .traits import labels_in_output_space, multi_precision_wrappable, why_not_multi_precision_wrappable
 
 try:  # sentence-transformers >= 6.0
     from sentence_transformers.base.losses.gradcache import uses_gradient_cache
@@ -244,7 +244,8 @@ class MultiPrecisionLoss(nn.Module):
         """The weighted sum over (sampled) precisions of ``loss_fn(fake_quantized_columns, labels_at_bits, bits)``.
 
         Tensor-only: ``embeddings`` are the float output columns (one forward pass, shared by every precision);
-        embedding-shaped ``labels`` are mapped into each precision's space (:func:`quantize_labels`).
+        embedding-shaped ``labels`` are mapped into each precision's space (:func:`quantize_labels`) unless the inner
+        loss compares them by similarity only (``labels_in_output_space = False``, :mod:`~st_bitnet.losses.traits`).
         :class:`~st_bitnet.losses.WeightedCombinationLoss` calls it with its own per-component dispatch, so a
         teacher-driven inner loss reuses the combination's single teacher pass.
         """
@@ -252,10 +253,16 @@ class MultiPrecisionLoss(nn.Module):
         with self.quantizer.rotation_fixed():
             for bits, weight in self._sample_precisions():
                 quantized = [self.quantizer.fake_quantize(e, bits) for e in embeddings]
-                bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
-                losses.append(loss_fn(quantized, bit_labels, bits))
+                losses.append(loss_fn(quantized, self._labels_at(labels, bits), bits))
                 weights.append(weight)
         return self.combine(losses, weights)
+
+    def _labels_at(self, labels: Any, bits: int) -> Any:
+        """``labels`` as the inner loss reads them at ``bits``: mapped into the precision's space when the inner loss
+        takes embedding-shaped labels as output coordinates (:func:`quantize_labels`), unchanged otherwise."""
+        if not labels_in_output_space(self.loss):
+            return labels
+        return quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
 
     def compute_loss_from_embeddings(self, embeddings: Sequence[Tensor], labels: Any) -> Tensor:
         """For inner losses with ``compute_loss_from_embeddings`` (``MultipleNegativesRankingLoss``, ``CoSENTLoss``...):
@@ -277,8 +284,7 @@ class MultiPrecisionLoss(nn.Module):
             with quantizer_tied_to_forward(self.quantizer):
                 for i, (bits, weight) in enumerate(self._sample_precisions()):
                     decorated.set_bits(bits, first=i == 0)
-                    bit_labels = quantize_labels(labels, self.quantizer, bits, self.quantizer.embedding_dimension)
-                    losses.append(self.loss(sentence_features, bit_labels))
+                    losses.append(self.loss(sentence_features, self._labels_at(labels, bits)))
                     weights.append(weight)
         finally:
             self.model.forward = original_forward

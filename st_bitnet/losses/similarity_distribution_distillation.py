@@ -12,13 +12,26 @@ from sentence_transformers.util import cos_sim
 KL_DIRECTIONS = ("forward", "reverse")
 
 
+def teacher_embeddings_from_labels(labels: Tensor | None, student_embeddings: list[Tensor]) -> list[Tensor] | None:
+    """Per-column teacher embeddings from precomputed labels of shape ``(B, n_columns, dim)``
+    (:func:`st_bitnet.teacher.precompute_teacher_embeddings`); None when ``labels`` are not embedding-shaped."""
+    if not isinstance(labels, Tensor) or labels.dim() != 3:
+        return None
+    expected = (student_embeddings[0].size(0), len(student_embeddings), student_embeddings[0].size(-1))
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"precomputed teacher embeddings must have shape (batch_size, n_columns, dim) = {expected}, "
+                         f"got {tuple(labels.shape)}")
+    return list(labels.unbind(dim=1))
+
+
 def embed_columns(model, sentence_features: Iterable[dict[str, Tensor]]) -> list[Tensor]:
     """One student forward pass per input column; works with sentence-transformers 6.0 and 6.2."""
     return [model(dict(features))["sentence_embedding"] for features in sentence_features]
 
 
 class SimilarityDistributionDistillationLoss(nn.Module):
-    needs_teacher = True  # a live teacher, or its precomputed scores
+    needs_teacher = True  # a live teacher, or its precomputed scores or embeddings
+    labels_in_output_space = False  # precomputed teacher embeddings are compared by similarity: they stay float
 
     def __init__(
         self,
@@ -47,13 +60,15 @@ class SimilarityDistributionDistillationLoss(nn.Module):
         above 1; with cosine similarities and ``temperature=0.05`` it would shrink the loss 400-fold), so
         weigh it directly against the contrastive loss.
 
-        Teacher scores come either from a live teacher (``teacher=FrozenTeacher(...)``, run in no-grad on the
-        same token ids; scores the full in-batch matrix) or precomputed into the dataset as the ``label``
-        column (:func:`st_bitnet.teacher.precompute_teacher_scores`; per-row candidates only).
+        Teacher scores come from a live teacher (``teacher=FrozenTeacher(...)``, run in no-grad on the same token
+        ids; scores the full in-batch matrix), from the teacher's embeddings precomputed into the dataset's ``label``
+        column (:func:`st_bitnet.teacher.precompute_teacher_embeddings`; the same loss without a teacher forward per
+        step), or from its per-row scores (:func:`st_bitnet.teacher.precompute_teacher_scores`; own candidates only).
 
         Args:
             model: the student SentenceTransformer.
-            teacher: a :class:`~st_bitnet.teacher.FrozenTeacher`, or None to read precomputed scores from labels.
+            teacher: a :class:`~st_bitnet.teacher.FrozenTeacher`, or None to read precomputed teacher embeddings or
+                scores from the labels.
             temperature: softmax temperature of the student scores (``0.05`` = MultipleNegativesRankingLoss'
                 ``scale=20``).
             teacher_temperature: temperature of the teacher scores; defaults to ``temperature``.
@@ -68,13 +83,15 @@ class SimilarityDistributionDistillationLoss(nn.Module):
 
         Requirements:
             1. (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples
-            2. a live teacher, or labels holding the teacher's per-row scores
+            2. a live teacher, or labels holding the teacher's embeddings or per-row scores
 
         Inputs:
             +-------------------------------------------------+----------------------------------------------+
             | Inputs                                          | Labels                                       |
             +=================================================+==============================================+
             | (anchor, positive, negative_1, ..., negative_n) | none (live teacher)                          |
+            +-------------------------------------------------+----------------------------------------------+
+            | (anchor, positive, negative_1, ..., negative_n) | [E(anchor), E(positive), E(negative_i)]      |
             +-------------------------------------------------+----------------------------------------------+
             | (anchor, positive, negative_1, ..., negative_n) | [T(anchor, positive), T(anchor, negative_i)] |
             +-------------------------------------------------+----------------------------------------------+
@@ -141,6 +158,11 @@ class SimilarityDistributionDistillationLoss(nn.Module):
         return self.compute_loss_from_scores(student_scores, teacher_scores)
 
     def compute_loss_from_labels(self, student_embeddings: list[Tensor], labels: Tensor) -> Tensor:
+        """From precomputed labels: the teacher's embeddings ``(B, n_columns, dim)`` (same loss as a live teacher,
+        in-batch negatives included), or its per-row scores ``(B, n_candidate_columns)`` (own candidates only)."""
+        teacher = teacher_embeddings_from_labels(labels, student_embeddings)
+        if teacher is not None:
+            return self.compute_loss_from_embeddings(student_embeddings, teacher)
         query, docs = student_embeddings[0], student_embeddings[1:]
         if labels.dim() != 2 or labels.shape != (query.size(0), len(docs)):
             raise ValueError(

