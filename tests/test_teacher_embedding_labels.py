@@ -112,9 +112,15 @@ def test_multi_precision_maps_teacher_embeddings_only_for_coordinate_losses(mode
         with torch.no_grad():
             live = MultiPrecisionLoss(model, inner_class(model, teacher), precisions=[16, 8, 1])(features, None)
             cached = MultiPrecisionLoss(model, inner_class(model, None), precisions=[16, 8, 1])(features, labels)
-        if inner_class is SimilarityDistributionDistillationLoss:
-            assert cached.item() == pytest.approx(live.item(), rel=1e-4, abs=1e-6)
-        else:  # the live teacher's embeddings reach the inner loss unmapped here; the labels are mapped
-            mapped = MultiPrecisionLoss(model, inner_class(model, None), precisions=[16, 8, 1])
-            assert mapped._labels_at(labels, 1).abs().eq(1).all()
+        assert cached.item() == pytest.approx(live.item(), rel=1e-4, abs=1e-6), inner_class.__name__
+        wrapper = MultiPrecisionLoss(model, inner_class(model, None), precisions=[16, 8, 1])
+        if inner_class is EmbeddingMSEDistillationLoss:  # mapped: 1-bit targets are signs
+            assert wrapper._labels_at(labels, 1).abs().eq(1).all()
+        else:  # compared by similarity: untouched
+            assert wrapper._labels_at(labels, 1) is labels
+    # the standalone wrapper and the combination (which maps live teacher embeddings itself) agree
+    with torch.no_grad():
+        alone = MultiPrecisionLoss(model, EmbeddingMSEDistillationLoss(model, teacher), precisions=[16, 8, 1])
+        combined = WeightedCombinationLoss(model, {"mse": alone})
+        assert alone(features, None).item() == pytest.approx(combined(features, None)["mse"].item(), rel=1e-4, abs=1e-6)
     assert st_bitnet  # the package import registers the kernels used by the packed student

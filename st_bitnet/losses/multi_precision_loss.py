@@ -276,6 +276,16 @@ class MultiPrecisionLoss(nn.Module):
         if self.uses_gradient_cache:
             return self.loss(sentence_features, labels)
         sentence_features = list(sentence_features)
+        teacher = getattr(self.loss, "teacher", None)
+        if hasattr(teacher, "embed") and labels_in_output_space(self.loss) and hasattr(self.loss, "compute_loss_from_labels"):
+            # a live teacher whose embeddings are coordinate targets (embedding MSE): embedded once, then mapped into
+            # each precision's space like precomputed teacher embeddings (raw float targets would be the wrong space)
+            with torch.no_grad():
+                targets = torch.stack([teacher.embed(features) for features in sentence_features], dim=1)
+            with quantizer_tied_to_forward(self.quantizer):
+                student = [self.model(dict(features))["sentence_embedding"] for features in sentence_features]
+            inner = self.loss.compute_loss_from_labels
+            return self.compute_loss_over_precisions(student, targets, lambda quantized, bit_labels, _: inner(quantized, bit_labels))
         original_forward = self.model.forward
         decorated = _QuantizingForward(original_forward, self.quantizer)
         losses, weights = [], []
