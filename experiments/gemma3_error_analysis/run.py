@@ -21,6 +21,7 @@ Run (from the repository root; results land in ``experiments/gemma3_error_analys
     OMP_NUM_THREADS=1 nice -n 19 python experiments/gemma3_error_analysis/run.py --part analysis
     OMP_NUM_THREADS=1 nice -n 19 python experiments/gemma3_error_analysis/run.py --part fixes
     OMP_NUM_THREADS=1 nice -n 19 python experiments/gemma3_error_analysis/run.py --part warmstart --steps-per-block 40
+    ... --part warmstart --warmstart-loss channel_normalized --tag _channel_normalized   # not run yet
 """
 
 from __future__ import annotations
@@ -547,7 +548,8 @@ def part_warmstart(which: str, splits, args) -> dict:
         torch.manual_seed(0)
         student = converted(teacher, norm, splits["analysis"] if calibrated else None)
         config = BlockwiseConfig(texts=args.warmstart_texts, steps_per_block=args.steps_per_block,
-                                 batch_size=args.warmstart_batch, learning_rate=args.lr, max_seq_length=MAX_SEQ_LENGTH, inputs="student")
+                                 batch_size=args.warmstart_batch, learning_rate=args.lr, max_seq_length=MAX_SEQ_LENGTH, inputs="student",
+                                 loss=args.warmstart_loss)
         t1 = time.time()
         report = blockwise_warm_start(student, teacher, splits["warmstart"], config, seed=0)
         train_seconds = time.time() - t1
@@ -555,7 +557,7 @@ def part_warmstart(which: str, splits, args) -> dict:
         blocks = block_errors(student, batches, by_keyword, features)
         entry = {**summary(blocks), **embedding_agreement(teacher_emb, student, heldout),
                  "config": {k: getattr(config, k) for k in ("texts", "steps_per_block", "batch_size", "learning_rate",
-                                                           "max_seq_length", "inputs")},
+                                                           "max_seq_length", "inputs", "loss")},
                  "train_cpu_minutes": round(train_seconds / 60, 1), "warm_start_report": report, "blocks": blocks}  # fmt: skip
         out["runs"][start] = entry
         print(f"[{which}] warm start from {start}: cos {entry['embedding_cosine_mean']} "
@@ -643,6 +645,7 @@ def main():
     parser.add_argument("--texts", type=int, default=64, help="analysis and held-out sentences (each)")
     parser.add_argument("--warmstart-texts", type=int, default=512)
     parser.add_argument("--warmstart-batch", type=int, default=32)
+    parser.add_argument("--warmstart-loss", default="relative", choices=("relative", "channel_normalized"))
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     if args.part == "tables":
