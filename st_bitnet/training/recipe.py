@@ -52,7 +52,6 @@ from .recipe_specs import (  # noqa: F401 (the specs are imported from here too)
     LossComponentSpec,
     ModelSpec,
     MultiPrecisionSpec,
-    SectionSpec,
     TeacherSpec,
     TrainingSpec,
     option_keys,
