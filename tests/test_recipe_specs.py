@@ -191,3 +191,32 @@ def test_a_recipe_built_by_hand_with_plain_sections_is_parsed():
     assert recipe.training.time_budget_minutes == 2
     with pytest.raises(RecipeError, match="unknown model option"):
         Recipe(name="hand", output_dir="/tmp/unused", model={"path": "m", "paht": "x"}, datasets=[], loss={})
+
+
+def _raw(**sections):
+    raw = {"output_dir": "/tmp/unused", "model": {"path": "m"}, "teacher": {"path": "m"}, "datasets": [{"name": "stsb"}],
+           "loss": {"c": {"type": "MultipleNegativesRankingLoss"}}}  # fmt: skip
+    return {**raw, **sections}
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"loss": {"kd": {"type": "SimilarityDistributionDistillationLoss", "precompute_teacher_scores": "yes"}}},
+         "precompute_teacher_scores must be true or false"),
+        ({"hard_negatives": {"relative_margin": "0.1"}}, r"hard_negatives.relative_margin must be a number"),
+        ({"hard_negatives": {"datasets": "stsb"}}, r"hard_negatives.datasets must be a list of dataset names"),
+    ],
+)
+def test_section_values_of_the_wrong_kind_are_refused_at_parse_time(sections, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(_raw(**sections))
+
+
+def test_an_inner_loss_with_a_weight_is_refused_before_any_model_is_built():
+    from st_bitnet.training.loss_builder import build_loss
+
+    inner = {"type": "MultipleNegativesRankingLoss", "weight": 2.0}
+    recipe = parse_recipe(_raw(loss={"c": {"type": "MatryoshkaLoss", "matryoshka_dims": [8], "loss": inner}}))
+    with pytest.raises(RecipeError, match="inner loss 'loss' takes no weight"):
+        build_loss(recipe, None, None)
