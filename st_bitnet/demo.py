@@ -117,17 +117,17 @@ def run_demo(output: str = "outputs/demo-minilm", steps: int | None = None, quic
         overrides += ["training.max_steps=4", "warm_start.texts=64", "warm_start.steps_per_block=2",
                       "warm_start.held_out_batches=1"]
     recipe = load_recipe(DEMO_RECIPE, overrides)
-    teacher_path = resolve_model_path(recipe.teacher["path"])
+    teacher_path = resolve_model_path(recipe.teacher.path)
 
     _stage("1/5 teacher: all-MiniLM-L6-v2 (full precision) and its naive ternary conversion")
     teacher = SentenceTransformer(teacher_path, device="cpu")
-    teacher.max_seq_length = recipe.model["max_seq_length"]
+    teacher.max_seq_length = recipe.model.max_seq_length
     naive = st_bitnet.convert(SentenceTransformer(teacher_path, device="cpu"),
-                              st_bitnet.BitNetConversionConfig(**recipe.model["conversion"]))
+                              st_bitnet.BitNetConversionConfig(**recipe.model.conversion))
     naive.max_seq_length = teacher.max_seq_length
 
-    _stage(f"2/5 distill the student ({recipe.training['max_steps']} steps at most, "
-           f"{recipe.training.get('time_budget_minutes')} min budget; block-wise warm start first)")
+    _stage(f"2/5 distill the student ({recipe.training.arguments['max_steps']} steps at most, "
+           f"{recipe.training.time_budget_minutes} min budget; block-wise warm start first)")
     train_start = time.time()
     run_recipe(recipe)
     train_minutes = (time.time() - train_start) / 60

@@ -7,9 +7,15 @@ import json
 import logging
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError
+from .recipe import HardNegativesSpec, Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
+
+
+def mined_data_stamp(spec: HardNegativesSpec, rows: int) -> str:
+    """The ``settings.json`` text of one mined dataset: a cache is reused only when the stamp matches exactly."""
+    return json.dumps({"rows": rows, **spec.mining_settings()}, sort_keys=True)
+
 
 def mine_negatives(recipe: Recipe, train_dataset, teacher):
     """Add teacher-mined hard negatives (``recipe.hard_negatives``) to the (anchor, positive) datasets.
@@ -23,8 +29,8 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
     from datasets import Dataset, DatasetDict, load_from_disk
     from sentence_transformers.util import mine_hard_negatives
 
-    settings = dict(recipe.hard_negatives)
-    wanted = settings.pop("datasets", None)
+    settings = recipe.hard_negatives
+    wanted = settings.datasets
     named = dict(train_dataset) if isinstance(train_dataset, DatasetDict) else {recipe.datasets[0].key: train_dataset}
     root = Path(recipe.output_dir) / "hard_negatives"
     out = {}
@@ -36,16 +42,16 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
         if not pairs:
             raise RecipeError(f"hard_negatives: dataset {key!r} has columns {dataset.column_names}, not (anchor, positive)")
         folder = root / key
-        stamp = json.dumps({"rows": len(dataset), **settings}, sort_keys=True)
+        stamp = mined_data_stamp(settings, len(dataset))
         if (folder / "settings.json").is_file() and (folder / "settings.json").read_text() == stamp:
             out[key] = load_from_disk(str(folder / "data"))
             logger.info("hard negatives for %s: reused %s (%d rows)", key, folder, len(out[key]))
             continue
         mined = mine_hard_negatives(
             dataset, teacher.model, anchor_column_name="anchor", positive_column_name="positive",
-            range_min=settings["range_min"], range_max=settings["range_max"],
-            relative_margin=settings["relative_margin"], num_negatives=settings["num_negatives"],
-            sampling_strategy="top", output_format="n-tuple", batch_size=settings["batch_size"], verbose=False,
+            range_min=settings.range_min, range_max=settings.range_max,
+            relative_margin=settings.relative_margin, num_negatives=settings.num_negatives,
+            sampling_strategy="top", output_format="n-tuple", batch_size=settings.batch_size, verbose=False,
         )  # fmt: skip
         logger.info("hard negatives for %s: %d of %d rows kept", key, len(mined), len(dataset))
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,7 +65,7 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
 
 
 def precompute_scores(recipe: Recipe, datasets, teacher):
-    if not any(spec.get("precompute_teacher_scores") for spec in recipe.loss.values()):
+    if not any(component.precompute_teacher_scores for component in recipe.loss.values()):
         return datasets
     from datasets import DatasetDict
 

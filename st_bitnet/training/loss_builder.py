@@ -7,24 +7,27 @@ from __future__ import annotations
 import inspect
 
 from .loss_types import loss_class
-from .recipe import Recipe, RecipeError, multi_precision_spec
+from .recipe import LossComponentSpec, MultiPrecisionSpec, Recipe, RecipeError
 
-def _instantiate_loss(name: str, params: dict, student, teacher, model_spec=None):
-    """One loss from its recipe entry; a nested ``{type: ...}`` argument (a wrapper's inner loss) is built too, and
-    ``multi_precision: true`` wraps the component in ``MultiPrecisionLoss``."""
+
+def _instantiate_loss(name: str, component: LossComponentSpec, student, teacher, model_spec: MultiPrecisionSpec | None = None):
+    """One loss from its recipe component; a nested ``{type: ...}`` argument (a wrapper's inner loss) is built too,
+    and ``multi_precision`` wraps the component in ``MultiPrecisionLoss``."""
     from .recipe import parse_loss_multi_precision
 
-    params = dict(params)
-    wrap = parse_loss_multi_precision(name, params, model_spec)
-    params.pop("multi_precision", None)
-    cls = loss_class(params.pop("type"))
-    precomputed = params.pop("precompute_teacher_scores", False)
-    # teacher: self (self-distillation, checked by parse_recipe) needs no teacher model
-    if params.get("teacher") != "self" and "teacher" in inspect.signature(cls.__init__).parameters:
-        params["teacher"] = None if precomputed else teacher
+    wrap = parse_loss_multi_precision(name, component, model_spec)
+    cls = loss_class(component.type)
+    params = dict(component.options)
+    if component.teacher is not None:
+        params["teacher"] = component.teacher  # "self" (self-distillation, checked by parse_recipe): no teacher model
+    elif "teacher" in inspect.signature(cls.__init__).parameters:
+        params["teacher"] = None if component.precompute_teacher_scores else teacher
     for key, value in params.items():
         if isinstance(value, dict) and "type" in value:
-            params[key] = _instantiate_loss(f"{name}.{key}", value, student, teacher, model_spec)
+            if "weight" in value:
+                raise RecipeError(f"loss component {name!r}: the inner loss {key!r} takes no weight (only components do)")
+            inner = LossComponentSpec.from_component(value)
+            params[key] = _instantiate_loss(f"{name}.{key}", inner, student, teacher, model_spec)
         elif isinstance(value, list) and key in ("directions", "relations"):
             params[key] = tuple(value)
     from st_bitnet.losses import MultiPrecisionLoss
@@ -53,10 +56,9 @@ def build_loss(recipe: Recipe, student, teacher):
     from st_bitnet.losses import WeightedCombinationLoss
 
     components, weights = {}, {}
-    for name, spec in recipe.loss.items():
-        params = dict(spec)
-        weights[name] = float(params.pop("weight", 1.0))
-        components[name] = _instantiate_loss(name, params, student, teacher, multi_precision_spec(recipe))
+    for name, component in recipe.loss.items():
+        weights[name] = component.weight
+        components[name] = _instantiate_loss(name, component, student, teacher, recipe.model.multi_precision)
     if len(components) == 1 and next(iter(weights.values())) == 1.0:
         only = next(iter(components.values()))
         if not _runs_its_own_teacher_per_precision(only):

@@ -11,7 +11,7 @@ import importlib
 import logging
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError, multi_precision_spec, parse_freeze
+from .recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -159,28 +159,27 @@ def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None,
     """
     spec = recipe.model
     model = load_embedder(spec, "model")
-    if spec.get("convert", True):
+    if spec.convert:
         import st_bitnet
 
-        conversion = st_bitnet.BitNetConversionConfig(**(spec.get("conversion") or {}))
+        conversion = st_bitnet.BitNetConversionConfig(**(spec.conversion or {}))
         st_bitnet.convert(model, conversion)
-        n_calibration = int(spec.get("calibrate_norms", 64))
-        if conversion.norm != "none" and n_calibration > 0 and calibration_sentences:
+        if conversion.norm != "none" and spec.calibrate_norms > 0 and calibration_sentences:
             from st_bitnet.calibration import calibrate_norms
 
-            calibrate_norms(model, calibration_sentences[:n_calibration])
-    elif spec.get("conversion"):
+            calibrate_norms(model, calibration_sentences[: spec.calibrate_norms])
+    elif spec.conversion:
         raise RecipeError("model.conversion is set but model.convert is false")
-    if spec.get("lora"):
-        if spec.get("convert", True):
+    if spec.lora:
+        if spec.convert:
             raise RecipeError("LoRA is for fine-tuning the full-precision teacher: set model.convert: false")
-        add_lora(model, spec["lora"])
-    freeze = parse_freeze(spec.get("freeze"))  # idempotent; a Recipe built by hand may hold the raw YAML value
+        add_lora(model, spec.lora)
+    freeze = spec.freeze
     if freeze:
         trainable, total = apply_freeze(model, freeze)
         logger.info("model.freeze %s: %d of %d parameters stay trainable (%.1f%%)", freeze, trainable, total,
                     100 * trainable / max(total, 1))  # fmt: skip
-    multi_precision = multi_precision_spec(recipe)
+    multi_precision = spec.multi_precision
     if multi_precision is not None:
         from .output_quantizer import attach_output_quantizer, calibration_texts
 
@@ -235,12 +234,12 @@ def load_teacher(recipe: Recipe, student):
 
     from st_bitnet.teacher import FrozenTeacher
 
-    dtype = recipe.teacher.get("dtype")
+    dtype = recipe.teacher.dtype
     if dtype is not None:
         if dtype not in DTYPES:
             raise RecipeError(f"teacher.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = getattr(torch, DTYPES[dtype])
-    device = recipe.teacher.get("device")
+    device = recipe.teacher.device
     if device is None:
         device = str(student.device)
     model = load_embedder(recipe.teacher, "teacher", device=device)

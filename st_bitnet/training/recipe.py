@@ -24,12 +24,18 @@ Sections (see ``recipes/README.md`` for a full example):
   ``ddp_backend``, ``fsdp``...).
 * ``evaluation``: dev sets to score before / after training (``stsb``, ``sick``).
 * top level: ``name``, ``seed``, ``output_dir``, ``resume_from_checkpoint``.
+
+Each section is parsed once into a typed, frozen spec (:mod:`.recipe_specs`: :class:`ModelSpec`,
+:class:`TeacherSpec`, :class:`LossComponentSpec`, :class:`TrainingSpec`, :class:`HardNegativesSpec`,
+:class:`MultiPrecisionSpec`) that also reads as a read-only mapping of the YAML keys.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,25 +45,32 @@ from st_bitnet.multi_precision.precision import BITS, resolve_bits
 from .datasets import DatasetSpec, check_spec
 from .errors import RecipeError
 from .loss_types import loss_class
+from .recipe_specs import (  # noqa: F401 (the specs are imported from here too)
+    LOSS_RECIPE_KEYS,
+    RUNNER_TRAINING_KEYS,
+    HardNegativesSpec,
+    LossComponentSpec,
+    ModelSpec,
+    MultiPrecisionSpec,
+    TeacherSpec,
+    TrainingSpec,
+    option_keys,
+)
 
 TOP_LEVEL_KEYS = {"name", "seed", "output_dir", "model", "teacher", "datasets", "prompts", "loss", "training",
                   "evaluation", "resume_from_checkpoint", "description", "warm_start", "hard_negatives"}  # fmt: skip
 # hard_negatives: negatives mined by the teacher for the (anchor, positive) datasets, see data_preparation.mine_negatives.
-HARD_NEGATIVE_KEYS = {"num_negatives", "range_min", "range_max", "relative_margin", "datasets", "batch_size"}
-MODEL_KEYS = {"path", "convert", "conversion", "calibrate_norms", "max_seq_length", "lora", "pack", "device",
-              "multi_precision", "trust_remote_code", "gguf_file", "pooling", "normalize", "prompts",
-              "freeze"}  # fmt: skip
+HARD_NEGATIVE_KEYS = option_keys(HardNegativesSpec)
+MODEL_KEYS = option_keys(ModelSpec)
 # Keys that build the embedder from a raw backbone / GGUF; the teacher section takes them too.
 BACKBONE_KEYS = ("gguf_file", "pooling", "normalize", "prompts")
-TEACHER_KEYS = {"path", "device", "dtype", "max_seq_length", *BACKBONE_KEYS}
+TEACHER_KEYS = option_keys(TeacherSpec)
 FREEZE_KEYS = {"embeddings", "trainable_layers"}
 FREEZE_EXAMPLE = "{embeddings: true, trainable_layers: 4}"
 EVALUATION_SETS = ("stsb", "sick")
 
 # model.multi_precision: the output quantizer the runner appends to the student before training.
-MULTI_PRECISION_KEYS = {
-    "precisions", "pooling", "calibration_rows", "calibration", "std_multiplier", "binary_threshold", "rotation"
-}
+MULTI_PRECISION_KEYS = option_keys(MultiPrecisionSpec)
 MULTI_PRECISION_EXAMPLE = f"{{precisions: {list(BITS)}, pooling: mean, calibration_rows: 512}}"
 POOLING_MODES = ("mean", "cls", "lasttoken", "max")
 POOLING_KEYS = {"mode", "normalization", "include_prompt"}
@@ -68,46 +81,64 @@ LOSS_MULTI_PRECISION_KEYS = {"precisions", "precision_weights", "n_precisions_pe
 
 @dataclass
 class Recipe:
+    """A parsed recipe: typed sections (see :mod:`.recipe_specs`), built by :func:`parse_recipe`.
+
+    A Recipe built by hand may give a section as a plain mapping: it is validated and parsed as
+    :func:`parse_recipe` would. ``to_dict()`` is the recipe as plain YAML data (``parse_recipe`` reads it back).
+    """
+
     name: str
     output_dir: str
-    model: dict[str, Any]
+    model: ModelSpec
     datasets: list[DatasetSpec]
-    loss: dict[str, dict[str, Any]]
+    loss: dict[str, LossComponentSpec]
     seed: int = 42
-    teacher: dict[str, Any] | None = None
+    teacher: TeacherSpec | None = None
     prompts: dict[str, Any] | None = None
-    training: dict[str, Any] = field(default_factory=dict)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
     evaluation: list[str] = field(default_factory=list)
     resume_from_checkpoint: str | bool | None = None
     source: str | None = None
     warm_start: Any = None  # BlockwiseConfig: block-wise reconstruction before training
-    hard_negatives: dict[str, Any] | None = None
+    hard_negatives: HardNegativesSpec | None = None
 
+    def __post_init__(self):
+        where = f" in {self.source}" if self.source else ""
+        if not isinstance(self.model, ModelSpec):
+            self.model = parse_model_section(self.model, where, self.source)
+        if self.teacher is not None and not isinstance(self.teacher, TeacherSpec):
+            self.teacher = parse_teacher_section(self.teacher, where)
+        if any(not isinstance(component, LossComponentSpec) for component in self.loss.values()):
+            self.loss = parse_loss_section(self.loss, self.model.multi_precision, self.teacher, where)
+        if not isinstance(self.training, TrainingSpec):
+            self.training = parse_training_section(self.training or {}, where)
+        if isinstance(self.warm_start, Mapping):
+            self.warm_start = parse_warm_start(self.warm_start, self.teacher, where)
+        if self.hard_negatives is not None and not isinstance(self.hard_negatives, HardNegativesSpec):
+            self.hard_negatives = parse_hard_negatives(self.hard_negatives, self.teacher, self.datasets, where)
 
-@dataclass(frozen=True)
-class MultiPrecisionSpec:
-    """The validated ``model.multi_precision`` section.
-
-    Attributes:
-        precisions: bit widths the quantizer serves (widest first), e.g. ``(16, 8, 4, 2, 1)``.
-        pooling: None keeps the model's pooling; else ``{"mode", "normalization", "include_prompt"}`` for the
-            ``QuantizationAwarePooling`` that replaces its ``Pooling`` (+ ``Normalize``); a None mode / include_prompt
-            keeps the replaced pooling's.
-        calibration_rows: number of training texts the quantizer's ranges are calibrated on.
-        calibration: ``"std"`` (median / ``std_multiplier`` x std) or ``"minmax"``.
-        std_multiplier: half-width of the ``"std"`` range in standard deviations.
-        binary_threshold: ``"offset"`` (nested 1-bit code, trained) or ``"zero"`` (sign of the value).
-        rotation: whether the quantizer learns an orthogonal map before its codes (identity at start; give
-            ``rotation_generator`` the quantizer's learning rate in ``learning_rate_mapping``).
-    """
-
-    precisions: tuple[int, ...] = BITS
-    pooling: dict[str, Any] | None = None
-    calibration_rows: int = 512
-    calibration: str = "std"
-    std_multiplier: float = 2.0
-    binary_threshold: str = "offset"
-    rotation: bool = False
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain YAML data: ``parse_recipe(recipe.to_dict(), recipe.source) == recipe``."""
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed, "output_dir": self.output_dir,
+                               "model": self.model.to_dict()}  # fmt: skip
+        if self.teacher is not None:
+            out["teacher"] = self.teacher.to_dict()
+        out["datasets"] = [
+            {k: v for k, v in dataclasses.asdict(spec).items() if v is not None and not (k == "extra" and not v)}
+            for spec in self.datasets
+        ]
+        if self.prompts is not None:
+            out["prompts"] = copy.deepcopy(self.prompts)
+        out["loss"] = {name: component.to_dict() for name, component in self.loss.items()}
+        out["training"] = self.training.to_dict()
+        out["evaluation"] = list(self.evaluation)
+        if self.resume_from_checkpoint is not None:
+            out["resume_from_checkpoint"] = self.resume_from_checkpoint
+        if self.warm_start is not None:
+            out["warm_start"] = {"type": "blockwise", **dataclasses.asdict(self.warm_start)}
+        if self.hard_negatives is not None:
+            out["hard_negatives"] = self.hard_negatives.to_dict()
+        return out
 
 
 def _parse_precisions(value: Any, what: str) -> tuple[int, ...]:
@@ -160,6 +191,8 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
     where = f" in {source}" if source else ""
     if value is None or value is False:
         return None
+    if isinstance(value, MultiPrecisionSpec):
+        return value
     if value is True:
         return MultiPrecisionSpec()
     section = f"model.multi_precision{where}"
@@ -199,9 +232,8 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
 
 
 def multi_precision_spec(recipe: Recipe) -> MultiPrecisionSpec | None:
-    """The validated ``model.multi_precision`` (a Recipe built by hand may hold the raw YAML value)."""
-    value = recipe.model.get("multi_precision")
-    return value if isinstance(value, MultiPrecisionSpec) else parse_multi_precision(value)
+    """The validated ``model.multi_precision`` (``recipe.model.multi_precision``)."""
+    return recipe.model.multi_precision
 
 
 def parse_loss_multi_precision(
@@ -357,8 +389,6 @@ def _expand(value: Any) -> Any:
     return value
 
 
-# Keys of a loss component the runner consumes itself (not passed to the loss class).
-LOSS_RECIPE_KEYS = {"type", "weight", "multi_precision", "precompute_teacher_scores", "teacher"}
 # Top-level and model options with one expected type (checked at parse time, so --check catches them).
 TYPED_OPTIONS = {
     "name": str, "seed": int, "output_dir": str, "description": str, "training": dict, "prompts": dict,
@@ -386,10 +416,6 @@ def check_option_types(raw: dict, where: str = "") -> None:
             raise RecipeError(
                 f"{dotted}{where} must be a {expected.__name__}, got {type(holder[key]).__name__} {holder[key]!r}"
             )
-
-
-# training keys the runner consumes itself (not SentenceTransformerTrainingArguments fields)
-RUNNER_TRAINING_KEYS = ("time_budget_minutes", "decay_over_time_budget")
 
 
 def check_training_options(training: dict, where: str = "") -> None:
@@ -462,60 +488,52 @@ def check_loss_arguments(name: str, component: dict, where: str = "") -> None:
             )
 
 
-def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
-    """Validate a raw recipe dict into a :class:`Recipe` (no model or data is loaded)."""
-    from st_bitnet.losses import traits
-    if not isinstance(raw, dict):
-        raise RecipeError("a recipe must be a YAML mapping")
-    raw = _expand(raw)
-    where = f" in {source}" if source else ""
-    unknown = set(raw) - TOP_LEVEL_KEYS
-    if unknown:
-        raise RecipeError(f"unknown recipe section(s) {sorted(unknown)}{where}; known: {sorted(TOP_LEVEL_KEYS)}")
-    for required in ("model", "datasets", "loss", "output_dir"):
-        if not raw.get(required):
-            raise RecipeError(f"the recipe{where} has no {required!r} section")
-    check_option_types(raw, where)
-    model = dict(raw["model"])
+def _set_options(section: dict) -> dict:
+    """The options given a value (null: the option's default)."""
+    return {key: value for key, value in section.items() if value is not None}
+
+
+def parse_model_section(section: Mapping, where: str = "", source: str | None = None) -> ModelSpec:
+    """Validate the ``model`` section into a :class:`ModelSpec` (null options take their defaults)."""
+    model = dict(section)
+    check_option_types({"model": model}, where)
     if "path" not in model:
         raise RecipeError(f"model.path is missing{where}")
     bad = set(model) - MODEL_KEYS
     if bad:
         raise RecipeError(f"unknown model option(s) {sorted(bad)}{where}; known: {sorted(MODEL_KEYS)}")
-    model.setdefault("convert", True)
     model = parse_model_backbone(model, "model", where)
     model["multi_precision"] = parse_multi_precision(model.get("multi_precision"), source)
-    teacher = raw.get("teacher")
-    if teacher is not None:
-        teacher = dict(teacher)
-        bad = set(teacher) - TEACHER_KEYS
-        if bad or "path" not in teacher:
-            raise RecipeError(
-                f"the teacher section{where} needs 'path' (and optionally {', '.join(sorted(TEACHER_KEYS - {'path'}))}); "
-                f"got {sorted(teacher)}"
-            )
-        teacher = parse_model_backbone(teacher, "teacher", where)
+    return ModelSpec(**_set_options(model))
 
-    if not isinstance(raw["datasets"], list):
-        raise RecipeError(f"'datasets'{where} must be a list of dataset entries")
-    specs = []
-    for entry in raw["datasets"]:
-        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-        try:
-            spec = DatasetSpec(**entry)
-        except TypeError as error:
-            raise RecipeError(f"bad dataset entry {entry}{where}: {error}") from None
-        check_spec(spec)
-        specs.append(spec)
 
-    loss = raw["loss"]
-    if not isinstance(loss, dict):
+def parse_teacher_section(section: Mapping, where: str = "") -> TeacherSpec:
+    """Validate the ``teacher`` section into a :class:`TeacherSpec`."""
+    teacher = dict(section)
+    bad = set(teacher) - TEACHER_KEYS
+    if bad or "path" not in teacher:
+        raise RecipeError(
+            f"the teacher section{where} needs 'path' (and optionally {', '.join(sorted(TEACHER_KEYS - {'path'}))}); "
+            f"got {sorted(teacher)}"
+        )
+    return TeacherSpec(**_set_options(parse_model_backbone(teacher, "teacher", where)))
+
+
+def parse_loss_section(
+    loss: Any, model_spec: MultiPrecisionSpec | None, teacher: TeacherSpec | None, where: str = ""
+) -> dict[str, LossComponentSpec]:
+    """Validate the ``loss`` section (every component, against the model's quantizer and the teacher section)."""
+    from st_bitnet.losses import traits
+
+    if not isinstance(loss, Mapping):
         raise RecipeError(f"'loss'{where} must map component names to {{type: ..., weight: ...}}")
+    components = {}
     for name, component in loss.items():
-        if not isinstance(component, dict) or "type" not in component:
+        if not isinstance(component, Mapping) or "type" not in component:
             raise RecipeError(f"loss component {name!r}{where} needs a 'type'")
+        component = dict(component)
         check_loss_arguments(name, component, where)
-        parse_loss_multi_precision(name, component, model["multi_precision"], where)
+        parse_loss_multi_precision(name, component, model_spec, where)
         nested = [v["type"] for v in component.values() if isinstance(v, dict) and "type" in v]
         if "teacher" in component and component["teacher"] != "self":
             raise RecipeError(
@@ -533,6 +551,57 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
                 f"loss component {name!r} ({component['type']}) distills from a teacher, but the recipe{where} has "
                 "no 'teacher' section: add teacher: {path: <full-precision model>}"
             )
+        precompute = component.get("precompute_teacher_scores", False)
+        if not isinstance(precompute, bool):
+            raise RecipeError(f"loss component {name!r}{where}: precompute_teacher_scores must be true or false, got {precompute!r}")
+        components[name] = LossComponentSpec.from_component(component)
+    return components
+
+
+def parse_training_section(training: Mapping, where: str = "") -> TrainingSpec:
+    """Validate the ``training`` section into a :class:`TrainingSpec` (trainer arguments + the runner's budget)."""
+    training = dict(training)
+    if "output_dir" in training:
+        raise RecipeError("set output_dir at the top level of the recipe, not under training")
+    check_training_options(training, where)
+    return TrainingSpec(
+        arguments={k: v for k, v in training.items() if k not in RUNNER_TRAINING_KEYS},
+        time_budget_minutes=training.get("time_budget_minutes"),
+        decay_over_time_budget=training.get("decay_over_time_budget", False),
+    )
+
+
+def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
+    """Validate a raw recipe dict into a :class:`Recipe` (no model or data is loaded)."""
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe must be a YAML mapping")
+    raw = _expand(raw)
+    where = f" in {source}" if source else ""
+    unknown = set(raw) - TOP_LEVEL_KEYS
+    if unknown:
+        raise RecipeError(f"unknown recipe section(s) {sorted(unknown)}{where}; known: {sorted(TOP_LEVEL_KEYS)}")
+    for required in ("model", "datasets", "loss", "output_dir"):
+        if not raw.get(required):
+            raise RecipeError(f"the recipe{where} has no {required!r} section")
+    check_option_types(raw, where)
+    model = parse_model_section(raw["model"], where, source)
+    teacher = raw.get("teacher")
+    if teacher is not None:
+        teacher = parse_teacher_section(teacher, where)
+
+    if not isinstance(raw["datasets"], list):
+        raise RecipeError(f"'datasets'{where} must be a list of dataset entries")
+    specs = []
+    for entry in raw["datasets"]:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        try:
+            spec = DatasetSpec(**entry)
+        except TypeError as error:
+            raise RecipeError(f"bad dataset entry {entry}{where}: {error}") from None
+        check_spec(spec)
+        specs.append(spec)
+
+    loss = parse_loss_section(raw["loss"], model.multi_precision, teacher, where)
     evaluation = raw.get("evaluation") or []
     evaluation = [evaluation] if isinstance(evaluation, str) else list(evaluation)
     for name in evaluation:
@@ -540,16 +609,13 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
             raise RecipeError(f"unknown evaluation set {name!r}{where}; known: {EVALUATION_SETS}")
     warm_start = parse_warm_start(raw.get("warm_start"), teacher, where)
     hard_negatives = parse_hard_negatives(raw.get("hard_negatives"), teacher, specs, where)
-    training = dict(raw.get("training") or {})
-    if "output_dir" in training:
-        raise RecipeError("set output_dir at the top level of the recipe, not under training")
-    check_training_options(training, where)
+    training = parse_training_section(raw.get("training") or {}, where)
     return Recipe(
         name=str(raw.get("name") or (Path(source).stem if source else "recipe")),
         output_dir=str(raw["output_dir"]),
         model=model,
         datasets=specs,
-        loss=dict(loss),
+        loss=loss,
         seed=int(raw.get("seed", 42)),
         teacher=teacher,
         prompts=raw.get("prompts"),
@@ -581,28 +647,35 @@ def parse_warm_start(value: Any, teacher, where: str = ""):
         raise RecipeError(f"{error}{where}") from None
 
 
-def parse_hard_negatives(value: Any, teacher, specs, where: str = "") -> dict[str, Any] | None:
-    """``hard_negatives: {num_negatives: 1, range_min: 10, range_max: 50, datasets: [scifact]}``: validated dict."""
+def parse_hard_negatives(value: Any, teacher, specs, where: str = "") -> HardNegativesSpec | None:
+    """``hard_negatives: {num_negatives: 1, range_min: 10, range_max: 50, datasets: [scifact]}``: validated spec."""
     if value is None or value is False:
         return None
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         raise RecipeError(f"hard_negatives{where} must be a mapping, e.g. {{num_negatives: 1, range_min: 10, range_max: 50}}")
     bad = set(value) - HARD_NEGATIVE_KEYS
     if bad:
         raise RecipeError(f"hard_negatives{where}: unknown keys {sorted(bad)}; known: {sorted(HARD_NEGATIVE_KEYS)}")
     if teacher is None:
         raise RecipeError(f"hard_negatives{where} are mined by the teacher: add a teacher section")
-    out = {"num_negatives": 1, "range_min": 10, "range_max": 50, "relative_margin": 0.05, "batch_size": 64, **value}
+    out = {**HardNegativesSpec().mining_settings(), **value}  # the defaults, then the recipe's values as written
     for key in ("num_negatives", "range_min", "range_max", "batch_size"):
         if not isinstance(out[key], int) or out[key] < 0 or (key != "range_min" and out[key] == 0):
             raise RecipeError(f"hard_negatives.{key}{where} must be a positive integer, got {out[key]!r}")
     if out["range_max"] <= out["range_min"]:
         raise RecipeError(f"hard_negatives{where}: range_max must exceed range_min")
+    margin = out["relative_margin"]
+    if margin is not None and not _type_ok(margin, float):
+        raise RecipeError(f"hard_negatives.relative_margin{where} must be a number (or null: no margin), got {margin!r}")
+    datasets = out.get("datasets")
+    if datasets is not None and not isinstance(datasets, (list, tuple)):
+        raise RecipeError(f"hard_negatives.datasets{where} must be a list of dataset names, got {datasets!r}")
     names = [spec.key for spec in specs]
-    unknown = [d for d in out.get("datasets") or [] if d not in names]
+    unknown = [d for d in datasets or [] if d not in names]
     if unknown:
         raise RecipeError(f"hard_negatives.datasets{where}: {unknown} are not datasets of this recipe ({names})")
-    return out
+    # values as written (no int -> float): they are stamped into the mined data's settings.json
+    return HardNegativesSpec(**{**out, "datasets": tuple(datasets) if datasets is not None else None})
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

@@ -61,9 +61,8 @@ def training_arguments(recipe: Recipe):
 
     from .mixed_precision import resolve_bf16
 
-    kwargs = {**DEFAULT_TRAINING_ARGS, **recipe.training}
-    for key in RUNNER_TRAINING_KEYS:  # the runner's own options (TimeBudgetCallback, BudgetedTrainer)
-        kwargs.pop(key, None)
+    # the budget options are the runner's own (TimeBudgetCallback, BudgetedTrainer), not in training.arguments
+    kwargs = {**DEFAULT_TRAINING_ARGS, **recipe.training.arguments}
     if kwargs.get("bf16") == "auto":
         use_cpu = bool(kwargs.get("use_cpu")) or not _cuda_available()
         kwargs["bf16"], reason = resolve_bf16("auto", use_cpu)
@@ -133,11 +132,11 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
         set_seed(recipe.seed)
         run_warm_start(recipe, student, teacher, train_dataset, bool(args.bf16))
     callbacks = [LossLogCallback(Path(recipe.output_dir) / LOSS_LOG), *(extra_callbacks or [])]
-    if recipe.training.get("time_budget_minutes") is not None:
-        callbacks.append(TimeBudgetCallback(recipe.training["time_budget_minutes"]))
-    decay_over_budget = recipe.training.get("decay_over_time_budget", False)
+    budget = recipe.training.time_budget_minutes
+    if budget is not None:
+        callbacks.append(TimeBudgetCallback(budget))
     trainer = BudgetedTrainer(
-        budget_minutes=recipe.training["time_budget_minutes"] if decay_over_budget else None,
+        budget_minutes=budget if recipe.training.decay_over_time_budget else None,
         model=student,
         args=args,
         train_dataset=train_dataset,
@@ -181,7 +180,7 @@ def run_recipe(
     if trainer.is_world_process_zero():
         model = trainer.model
         final_dir = Path(recipe.output_dir) / "final"
-        if recipe.model.get("lora"):
+        if recipe.model.lora:
             merge_lora(model)
         model.save(str(final_dir))
         if recipe.evaluation:
@@ -191,7 +190,7 @@ def run_recipe(
                 results["dev_by_precision"] = by_precision
             else:
                 results["dev"] = evaluate(model, recipe.evaluation)
-        if recipe.model.get("pack") and recipe.model.get("convert", True):
+        if recipe.model.pack and recipe.model.convert:
             import st_bitnet
 
             st_bitnet.pack(model)
