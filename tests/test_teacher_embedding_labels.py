@@ -124,3 +124,55 @@ def test_multi_precision_maps_teacher_embeddings_only_for_coordinate_losses(mode
         combined = WeightedCombinationLoss(model, {"mse": alone})
         assert alone(features, None).item() == pytest.approx(combined(features, None)["mse"].item(), rel=1e-4, abs=1e-6)
     assert st_bitnet  # the package import registers the kernels used by the packed student
+
+
+# ---------------------------------------------------------------- the recipe option
+def _recipe(model_dir, data_file, output_dir, loss, **changes):
+    raw = {
+        "name": "unit", "seed": 7, "output_dir": str(output_dir),
+        "model": {"path": model_dir, "convert": True, "max_seq_length": 24},
+        "teacher": {"path": model_dir},
+        "datasets": [{"name": data_file}],
+        "loss": loss,
+        "training": {"per_device_train_batch_size": 8, "learning_rate": 1e-3, "max_steps": 4, "logging_steps": 1,
+                     "save_strategy": "no", "dataloader_drop_last": True, "use_cpu": True},
+    }  # fmt: skip
+    raw.update(changes)
+    return raw
+
+
+PLAIN_KD = {
+    "embedding_mse": {"type": "EmbeddingMSEDistillationLoss", "precompute_teacher_embeddings": True},
+    "similarity_kd": {"type": "SimilarityDistributionDistillationLoss", "precompute_teacher_embeddings": True},
+}
+
+
+def test_recipe_option_is_validated(tmp_path, pairs_file):
+    from st_bitnet.training import RecipeError, parse_recipe
+
+    ok = parse_recipe(_recipe("m", pairs_file, tmp_path, PLAIN_KD))
+    assert ok.loss["similarity_kd"].precompute_teacher_embeddings and ok.loss["similarity_kd"]["precompute_teacher_embeddings"]
+    with pytest.raises(RecipeError, match="cannot distill from precomputed teacher embeddings"):
+        parse_recipe(_recipe("m", pairs_file, tmp_path, {"c": {"type": "MultipleNegativesRankingLoss",
+                                                                "precompute_teacher_embeddings": True}}))
+    with pytest.raises(RecipeError, match="true or false"):
+        parse_recipe(_recipe("m", pairs_file, tmp_path, {"s": {"type": "SimilarityDistributionDistillationLoss",
+                                                                "precompute_teacher_embeddings": "yes"}}))
+    mixed = {**PLAIN_KD, "scores": {"type": "SimilarityDistributionDistillationLoss", "precompute_teacher_scores": True}}
+    with pytest.raises(RecipeError, match="one label column"):
+        parse_recipe(_recipe("m", pairs_file, tmp_path, mixed))
+    with pytest.raises(RecipeError, match="prompts"):
+        parse_recipe(_recipe("m", pairs_file, tmp_path, PLAIN_KD, prompts={"anchor": "query: "}))
+
+
+def test_plain_kd_recipe_trains_without_a_teacher_forward_per_step(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    from st_bitnet.training import parse_recipe, read_loss_log, run_recipe
+
+    calls = []
+    original = FrozenTeacher.forward
+    monkeypatch.setattr(FrozenTeacher, "forward", lambda self, features: calls.append(1) or original(self, features))
+    result = run_recipe(parse_recipe(_recipe(tiny_model_dir, pairs_file, tmp_path / "run", PLAIN_KD)))
+    assert result["global_step"] == 4
+    assert not calls  # the teacher embedded the texts once (encode), never inside a training step
+    records = [r for r in read_loss_log(tmp_path / "run" / "loss_log.jsonl") if "loss" in r]
+    assert len(records) == 4 and all(r["embedding_mse"] > 0 and r["similarity_kd"] >= 0 for r in records)

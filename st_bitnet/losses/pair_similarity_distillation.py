@@ -50,6 +50,8 @@ class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
             })
     """
 
+    accepts_teacher_embeddings = False  # its per-row scores come from a live teacher only
+
     def __init__(self, model=None, teacher=None, **kwargs) -> None:
         if kwargs.get("in_batch_negatives", True) is not True:
             raise ValueError("PairSimilarityDistillationLoss is in-batch by definition; in_batch_negatives must be True")

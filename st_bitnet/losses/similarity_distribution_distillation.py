@@ -31,6 +31,7 @@ def embed_columns(model, sentence_features: Iterable[dict[str, Tensor]]) -> list
 
 class SimilarityDistributionDistillationLoss(nn.Module):
     needs_teacher = True  # a live teacher, or its precomputed scores or embeddings
+    accepts_teacher_embeddings = True
     labels_in_output_space = False  # precomputed teacher embeddings are compared by similarity: they stay float
 
     def __init__(

@@ -4,6 +4,8 @@ A loss class (or instance) may set:
 
 * ``needs_teacher`` (default False): it distills from a teacher model (live, or through precomputed scores), so a
   recipe naming it needs a ``teacher`` section.
+* ``accepts_teacher_embeddings`` (default False): it reads the teacher's embeddings precomputed into the labels
+  (:func:`st_bitnet.teacher.precompute_teacher_embeddings`) in place of a live teacher.
 * ``labels_in_output_space`` (default True): embedding-shaped ``labels`` are targets in the output's coordinates (as
   sentence-transformers' ``MSELoss`` reads teacher embeddings), so :class:`~st_bitnet.losses.MultiPrecisionLoss` maps
   them into each precision's space; False when the loss only compares them by similarity (they stay float).
@@ -27,6 +29,11 @@ from typing import Any
 def needs_teacher(loss: Any) -> bool:
     """Whether the loss class (or instance) ``loss`` distills from a teacher model."""
     return bool(getattr(loss, "needs_teacher", False))
+
+
+def accepts_teacher_embeddings(loss: Any) -> bool:
+    """Whether the loss class (or instance) ``loss`` can distill from precomputed teacher embeddings (labels)."""
+    return bool(getattr(loss, "accepts_teacher_embeddings", False))
 
 
 def labels_in_output_space(loss: Any) -> bool:

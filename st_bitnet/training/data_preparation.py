@@ -1,5 +1,6 @@
 """Training data the teacher adds to: mined hard negatives (``hard_negatives``) and precomputed teacher scores
-(``precompute_teacher_scores`` on a loss component), after the models are loaded and before the loss is built."""
+or embeddings (``precompute_teacher_scores`` / ``precompute_teacher_embeddings`` on a loss component), after the
+models are loaded and before the loss is built."""
 
 from __future__ import annotations
 
@@ -64,14 +65,28 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
 
 
 
-def precompute_scores(recipe: Recipe, datasets, teacher):
-    if not any(component.precompute_teacher_scores for component in recipe.loss.values()):
+def precompute_scores(recipe: Recipe, datasets, teacher, student=None):
+    """The teacher's scores (``precompute_teacher_scores``) or embeddings (``precompute_teacher_embeddings``, at the
+    student's ``max_seq_length``) written into every training set's ``label`` column, once before training."""
+    components = recipe.loss.values()
+    if any(c.precompute_teacher_embeddings for c in components):
+        from st_bitnet.teacher import precompute_teacher_embeddings
+
+        length = getattr(student, "max_seq_length", None)
+        logger.info("embedding the training texts with the teacher once (max_seq_length %s)", length)
+
+        def precompute(dataset):
+            return precompute_teacher_embeddings(dataset, teacher, max_seq_length=length)
+    elif any(c.precompute_teacher_scores for c in components):
+        from st_bitnet.teacher import precompute_teacher_scores
+
+        def precompute(dataset):
+            return precompute_teacher_scores(dataset, teacher)
+    else:
         return datasets
     from datasets import DatasetDict
 
-    from st_bitnet.teacher import precompute_teacher_scores
-
     if isinstance(datasets, DatasetDict):
-        return DatasetDict({k: precompute_teacher_scores(v, teacher) for k, v in datasets.items()})
-    return precompute_teacher_scores(datasets, teacher)
+        return DatasetDict({k: precompute(v) for k, v in datasets.items()})
+    return precompute(datasets)
 

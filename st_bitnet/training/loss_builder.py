@@ -21,7 +21,8 @@ def _instantiate_loss(name: str, component: LossComponentSpec, student, teacher,
     if component.teacher is not None:
         params["teacher"] = component.teacher  # "self" (self-distillation, checked by parse_recipe): no teacher model
     elif "teacher" in inspect.signature(cls.__init__).parameters:
-        params["teacher"] = None if component.precompute_teacher_scores else teacher
+        precomputed = component.precompute_teacher_scores or component.precompute_teacher_embeddings
+        params["teacher"] = None if precomputed else teacher
     for key, value in params.items():
         if isinstance(value, dict) and "type" in value:
             if "weight" in value:

@@ -551,11 +551,30 @@ def parse_loss_section(
                 f"loss component {name!r} ({component['type']}) distills from a teacher, but the recipe{where} has "
                 "no 'teacher' section: add teacher: {path: <full-precision model>}"
             )
-        precompute = component.get("precompute_teacher_scores", False)
-        if not isinstance(precompute, bool):
-            raise RecipeError(f"loss component {name!r}{where}: precompute_teacher_scores must be true or false, got {precompute!r}")
+        for key in ("precompute_teacher_scores", "precompute_teacher_embeddings"):
+            if not isinstance(component.get(key, False), bool):
+                raise RecipeError(f"loss component {name!r}{where}: {key} must be true or false, got {component[key]!r}")
+        if component.get("precompute_teacher_embeddings") and not traits.accepts_teacher_embeddings(loss_class(component["type"])):
+            raise RecipeError(
+                f"loss component {name!r}{where}: {component['type']} cannot distill from precomputed teacher "
+                "embeddings (SimilarityDistributionDistillationLoss and EmbeddingMSEDistillationLoss can)"
+            )
         components[name] = LossComponentSpec.from_component(component)
     return components
+
+
+def check_precomputed_labels(loss: Mapping[str, LossComponentSpec], prompts, where: str = "") -> None:
+    """A batch has one label column: the components that precompute the teacher into it must agree on what."""
+    scores = [n for n, c in loss.items() if c.precompute_teacher_scores]
+    embeddings = [n for n, c in loss.items() if c.precompute_teacher_embeddings]
+    if scores and embeddings:
+        raise RecipeError(
+            f"loss{where}: {scores} precompute teacher scores and {embeddings} teacher embeddings, but a batch has one "
+            "label column: precompute the embeddings for all of them (similarity KD reads them too)"
+        )
+    if embeddings and prompts:
+        raise RecipeError(f"loss{where}: precompute_teacher_embeddings does not apply the recipe's prompts yet; use a "
+                          "live teacher with prompts")
 
 
 def parse_training_section(training: Mapping, where: str = "") -> TrainingSpec:
@@ -602,6 +621,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
         specs.append(spec)
 
     loss = parse_loss_section(raw["loss"], model.multi_precision, teacher, where)
+    check_precomputed_labels(loss, raw.get("prompts"), where)
     evaluation = raw.get("evaluation") or []
     evaluation = [evaluation] if isinstance(evaluation, str) else list(evaluation)
     for name in evaluation:

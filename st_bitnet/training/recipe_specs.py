@@ -195,7 +195,10 @@ class LossComponentSpec(SectionSpec):
         multi_precision: false, true (every precision the quantizer serves) or ``{precisions, precision_weights,
             n_precisions_per_step}``: wrap the component in ``MultiPrecisionLoss``.
         precompute_teacher_scores: score the training pairs with the teacher once, before training, instead of
-            running it at every step.
+            running it at every step (per-row candidates only).
+        precompute_teacher_embeddings: embed every training text with the teacher once, before training, and pass
+            the embeddings as labels (the same similarity / embedding distillation as a live teacher, in-batch
+            negatives included, without a teacher forward per step).
         teacher: None (the recipe's teacher) or ``"self"`` (self-distillation from the model's float output).
 
     The mapping view is the component as written: ``type``, ``weight``, the options, and the runner's own keys
@@ -209,6 +212,7 @@ class LossComponentSpec(SectionSpec):
     options: dict[str, Any] = field(default_factory=dict)
     multi_precision: bool | dict[str, Any] = False
     precompute_teacher_scores: bool = False
+    precompute_teacher_embeddings: bool = False
     teacher: str | None = None
 
     @classmethod
@@ -221,6 +225,7 @@ class LossComponentSpec(SectionSpec):
             options=options,
             multi_precision=component.get("multi_precision") or False,
             precompute_teacher_scores=bool(component.get("precompute_teacher_scores", False)),
+            precompute_teacher_embeddings=bool(component.get("precompute_teacher_embeddings", False)),
             teacher=component.get("teacher"),
         )
 
@@ -230,6 +235,8 @@ class LossComponentSpec(SectionSpec):
             items["multi_precision"] = self.multi_precision
         if self.precompute_teacher_scores:
             items["precompute_teacher_scores"] = True
+        if self.precompute_teacher_embeddings:
+            items["precompute_teacher_embeddings"] = True
         if self.teacher is not None:
             items["teacher"] = self.teacher
         return items

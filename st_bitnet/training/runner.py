@@ -117,7 +117,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
     teacher = load_teacher(recipe, student)
     if recipe.hard_negatives:
         train_dataset = mine_negatives(recipe, train_dataset, teacher)
-    train_dataset = precompute_scores(recipe, train_dataset, teacher)
+    train_dataset = precompute_scores(recipe, train_dataset, teacher, student)
     loss = build_loss(recipe, student, teacher)
     args = training_arguments(recipe)
     if args.bf16 and student.device.type == "cpu":
