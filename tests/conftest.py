@@ -125,3 +125,14 @@ def run_python(code: str, *, hide_st_bitnet: bool = False, timeout: int = 300) -
 def data_root() -> Path | None:
     root = Path(os.environ["ST_BITNET_DATA"])
     return root if root.exists() else None
+
+
+def reference_forward(layer, x):
+    """``layer(x)`` with the pure-PyTorch reference kernel forced (what every fast path must equal)."""
+    from st_bitnet.ops import set_kernel_mode
+
+    set_kernel_mode("reference")
+    try:
+        return layer(x)
+    finally:
+        set_kernel_mode(None)

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import reference_forward
 
 from st_bitnet.bitlinear import BitLinear, BitRMSNorm, pack_ternary, ternary_linear_reference
 from st_bitnet.ops import cpu_kernel, dispatch, register_kernels, set_kernel_mode
@@ -293,7 +294,7 @@ def test_packed_bitlinear_nonfinite_inputs_every_path():
     with torch.no_grad():
         want_qat = latent(x)
     layer = latent.eval().pack_()
-    want = _reference_forward(layer, x)
+    want = reference_forward(layer, x)
     assert want[rows].isnan().all() and not want[[r for r in range(10) if r not in rows]].isnan().any()
     _assert_identical(want_qat, want, "QAT vs packed reference")
     with torch.inference_mode():
@@ -303,12 +304,12 @@ def test_packed_bitlinear_nonfinite_inputs_every_path():
     _assert_identical(layer(x), want, "reference switch")
     set_kernel_mode(None)
     half = layer.to(torch.bfloat16)
-    _assert_identical(half(x.bfloat16()), _reference_forward(half, x.bfloat16()), "bf16")
+    _assert_identical(half(x.bfloat16()), reference_forward(half, x.bfloat16()), "bf16")
     plain = BitLinear(64, 24, use_rms_norm=False).eval().pack_()  # no norm: the raw NaN/inf reach the kernel
     with torch.inference_mode():
         got = plain(x)
     assert got[rows].isnan().all()
-    _assert_identical(got, _reference_forward(plain, x), "no norm")
+    _assert_identical(got, reference_forward(plain, x), "no norm")
 
 
 def test_cpu_kernel_large_k_bounds():
@@ -512,16 +513,8 @@ def test_packed_bitlinear_uses_kernel_and_caches_layout(monkeypatch):
     stale = layer._kernel_state["cpu"].clone()
     with torch.no_grad():  # in-place weight change (e.g. load_state_dict) invalidates it too
         layer.weight.copy_(_packed_layer(seed=8).weight)
-    assert torch.equal(layer(x), _reference_forward(layer, x))
+    assert torch.equal(layer(x), reference_forward(layer, x))
     assert not torch.equal(layer._kernel_state["cpu"], stale)
-
-
-def _reference_forward(layer, x):
-    set_kernel_mode("reference")
-    try:
-        return layer(x)
-    finally:
-        set_kernel_mode(None)
 
 
 def test_env_switch_forces_reference(monkeypatch):
@@ -537,7 +530,7 @@ def test_env_switch_forces_reference(monkeypatch):
 def test_packed_bitlinear_bf16_and_compile():
     layer = _packed_layer(k=64, n=48).to(torch.bfloat16)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    want = _reference_forward(layer, x)
+    want = reference_forward(layer, x)
     assert torch.equal(layer(x), want)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), want)
@@ -550,7 +543,7 @@ def test_packed_bitlinear_fused_norm_paths_match_reference(monkeypatch):
     # (bf16, inputs that need gradients, no norm); every path gives the reference's numbers.
     layer = _packed_layer(k=96, n=40)
     x = torch.randn(3, 7, 96)
-    want = _reference_forward(layer, x)
+    want = reference_forward(layer, x)
     calls = []
     real = cpu_kernel.run_tile16
     def spy(*a, **kw):  # records the norm weight handed to the C call (None: unfused call through the op)
@@ -562,7 +555,7 @@ def test_packed_bitlinear_fused_norm_paths_match_reference(monkeypatch):
         assert torch.equal(layer(x), want)
     assert calls and calls[-1] is layer.rms_norm.weight  # fused: the norm weight went to the C call
     strided = torch.randn(96, 21).t().reshape(3, 7, 96)  # non-contiguous view of the same shape
-    assert torch.equal(layer(strided), _reference_forward(layer, strided))
+    assert torch.equal(layer(strided), reference_forward(layer, strided))
     xg = x.clone().requires_grad_(True)
     n_fused = sum(c is not None for c in calls)
     assert torch.equal(layer(xg), want)  # needs autograd: unfused path (norm in torch, then the op)
@@ -570,10 +563,10 @@ def test_packed_bitlinear_fused_norm_paths_match_reference(monkeypatch):
     # torch.compile traces the unfused path (norm in torch + the op) with the same numbers
     assert torch.equal(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), want)
     plain = BitLinear(96, 40, use_rms_norm=False).eval().pack_()
-    assert torch.equal(plain(x), _reference_forward(plain, x))
+    assert torch.equal(plain(x), reference_forward(plain, x))
     half = _packed_layer(k=96, n=40).to(torch.bfloat16)
     xb = x.bfloat16()
-    assert torch.equal(half(xb), _reference_forward(half, xb))
+    assert torch.equal(half(xb), reference_forward(half, xb))
 
 
 def test_register_kernels_is_idempotent_and_installs_hook(monkeypatch):
@@ -590,7 +583,7 @@ def test_register_kernels_is_idempotent_and_installs_hook(monkeypatch):
 
     spy.applies_rms_norm = True
     monkeypatch.setattr(BitLinear, "packed_kernel", staticmethod(spy))
-    want = _reference_forward(layer, x)
+    want = reference_forward(layer, x)
     calls.clear()
     assert torch.equal(layer(x), want) and len(calls) == 1  # the installed path runs
     BitLinear.set_packed_kernel(None)

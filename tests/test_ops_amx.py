@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import reference_forward
 
 from st_bitnet.bitlinear import BitLinear, BitRMSNorm, ternary_linear_reference
 from st_bitnet.ops import cpu_kernel, register_kernels, set_kernel_mode
@@ -101,12 +102,7 @@ def test_amx_never_picked_where_the_cpu_cannot_run_it(monkeypatch):
     x = torch.randn(40, 64)
     with torch.inference_mode():
         got = layer(x)
-    set_kernel_mode("reference")
-    try:
-        want = layer(x)
-    finally:
-        set_kernel_mode(None)
-    assert torch.equal(got, want) and "amx" not in (layer._kernel_state or {})
+    assert torch.equal(got, reference_forward(layer, x)) and "amx" not in (layer._kernel_state or {})
     monkeypatch.delitem(cpu_kernel._libs, "amx", raising=False)
 
 
@@ -148,12 +144,7 @@ def test_amx_module_and_op_paths_match_reference():
         x = torch.randn(tokens, 256)
         with torch.inference_mode():
             got = layer(x)
-        set_kernel_mode("reference")
-        try:
-            want = layer(x)
-        finally:
-            set_kernel_mode(None)
-        assert torch.equal(got, want), tokens
+        assert torch.equal(got, reference_forward(layer, x)), tokens
     assert "amx" in layer._kernel_state
     register_kernels()
     w = torch.randint(-1, 2, (70, 130), dtype=torch.int8)

@@ -277,6 +277,13 @@ def amx_library():
     return lib
 
 
+def amx_library_for(x: torch.Tensor):
+    """:func:`amx_library` when ``x`` holds at least :data:`AMX_MIN_TOKENS` rows of features, else None."""
+    if x.shape[-1] == 0 or x.numel() // x.shape[-1] < AMX_MIN_TOKENS:
+        return None
+    return amx_library()
+
+
 def _load_amx():
     if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux" or not cpu_reports_amx():
         return "the CPU reports no AMX-INT8"
@@ -456,7 +463,7 @@ def ternary_linear_cpu(x, weight, weight_scale, bias, out_features, layout):
     lib = load_library() if kernels_enabled() else None
     if lib is None:
         return reference_impl(x, weight, weight_scale, bias, out_features, layout)
-    amx = amx_library() if x.numel() // max(x.shape[-1], 1) >= AMX_MIN_TOKENS else None
+    amx = amx_library_for(x)
     if amx is not None:
         return run_amx64(amx, x, amx64_weight(weight, layout, out_features, x.shape[-1]), weight_scale, bias, out_features)
     blob = tile16_weight(weight, layout, out_features, x.shape[-1])

@@ -119,7 +119,7 @@ def packed_forward(module, x: torch.Tensor) -> torch.Tensor:
                 # malformed module: let the op raise its clear error
                 return packed_linear(module, x if norm is None else norm(x))
             norm_args = (None if norm is None else norm.weight, 0.0 if norm is None else norm.variance_epsilon)
-            amx = cpu_kernel.amx_library() if x.numel() // x.shape[-1] >= cpu_kernel.AMX_MIN_TOKENS else None
+            amx = cpu_kernel.amx_library_for(x)
             if amx is not None:
                 if "amx" not in state:
                     state["amx"] = pack_amx64(unpack_ternary(module.weight, module.out_features))

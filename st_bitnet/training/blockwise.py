@@ -238,23 +238,22 @@ def blockwise_warm_start(student, teacher_model, texts: list[str], config: Block
         for index, block in enumerate(s_blocks):
             source = inputs if config.inputs == "student" else [b.inputs[index] for b in batches]
 
-            def error_on(ids) -> float:
+            def probe_errors(ids) -> tuple[float, float]:
+                """(relative error, training loss) on batches ``ids``: each block output computed once for both."""
+                relative, losses = [], []
                 with torch.no_grad():
-                    errors = [relative_error(_call_block(block, source[j], batches[j].args[index],
-                                                         batches[j].kwargs[index], by_keyword[index]),
-                                             batches[j].targets[index], batches[j].mask) for j in ids]
-                return float(torch.stack(errors).mean()) if errors else float("nan")
-
-            def loss_on(ids) -> float:
-                with torch.no_grad():
-                    values = [reconstruction(_call_block(block, source[j], batches[j].args[index],
-                                                         batches[j].kwargs[index], by_keyword[index]),
-                                             batches[j].targets[index], batches[j].mask) for j in ids]
-                return float(torch.stack(values).mean()) if values else float("nan")
+                    for j in ids:
+                        out = _call_block(block, source[j], batches[j].args[index], batches[j].kwargs[index],
+                                          by_keyword[index])
+                        relative.append(relative_error(out, batches[j].targets[index], batches[j].mask))
+                        losses.append(relative[-1] if reconstruction is relative_error
+                                      else reconstruction(out, batches[j].targets[index], batches[j].mask))
+                if not relative:
+                    return float("nan"), float("nan")
+                return float(torch.stack(relative).mean()), float(torch.stack(losses).mean())
 
             probe = held_out or train_ids[:2]
-            before = error_on(probe)
-            loss_before = loss_on(probe) if config.loss != "relative" else None
+            before, loss_before = probe_errors(probe)
             params = [p for p in block.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=float(config.learning_rate), weight_decay=0.0)
             start = time.perf_counter()
@@ -266,12 +265,12 @@ def blockwise_warm_start(student, teacher_model, texts: list[str], config: Block
                 loss.backward()
                 optimizer.step()
             seconds = time.perf_counter() - start
-            after = error_on(probe)
+            after, loss_after = probe_errors(probe)
             entry = {"block": index, "relative_error_before": round(before, 5),
                      "relative_error_after": round(after, 5), "steps": config.steps_per_block,
                      "seconds": round(seconds, 1)}
             if config.loss != "relative":
-                entry.update(loss=config.loss, loss_before=round(loss_before, 5), loss_after=round(loss_on(probe), 5))
+                entry.update(loss=config.loss, loss_before=round(loss_before, 5), loss_after=round(loss_after, 5))
             report.append(entry)
             logger.info("warm start block %d: relative error %.4f -> %.4f (%d steps, %.0f s)", index, before, after,
                         config.steps_per_block, seconds)
