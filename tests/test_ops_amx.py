@@ -13,7 +13,7 @@ import torch
 from conftest import reference_forward
 
 from st_bitnet.bitlinear import BitLinear, BitRMSNorm, ternary_linear_reference
-from st_bitnet.ops import cpu_kernel, register_kernels, set_kernel_mode
+from st_bitnet.ops import cpu_kernel, register_kernels
 from st_bitnet.ops.layouts import pack_amx64, unpack_amx64
 
 
