@@ -168,6 +168,7 @@ def precompute_teacher_embeddings(
     max_seq_length: int | None = None,
     batch_size: int = 64,
     label_column: str = "label",
+    cpu_bf16_autocast: bool = False,
 ):
     """Add the teacher's sentence embeddings of every text column to a ``datasets.Dataset`` as ``label``.
 
@@ -175,8 +176,8 @@ def precompute_teacher_embeddings(
     :class:`~st_bitnet.losses.SimilarityDistributionDistillationLoss` and
     :class:`~st_bitnet.losses.EmbeddingMSEDistillationLoss` read when they have no live teacher: the same losses (the
     in-batch similarity matrix is built from these embeddings) without a teacher forward at every step, so a run
-    over several epochs embeds each text once. The embeddings are computed in float32 inference; a live teacher
-    under bf16 autocast gives slightly different (less precise) targets.
+    over several epochs embeds each text once. The embeddings are stored in float32; they are computed in float32
+    unless ``cpu_bf16_autocast`` asks for the targets a live teacher gives under the training's bf16 autocast.
 
     Args:
         dataset: a ``datasets.Dataset`` of text columns.
@@ -185,6 +186,8 @@ def precompute_teacher_embeddings(
         max_seq_length: truncation (give the student's, so both see the same tokens; default: the teacher's).
         batch_size: texts per teacher forward.
         label_column: the column written (an existing one is replaced).
+        cpu_bf16_autocast: run a CPU teacher under bf16 autocast (2-3x faster where the CPU multiplies bf16
+            natively; the same targets as a live teacher in a bf16-autocast run).
 
     Example::
 
@@ -200,8 +203,9 @@ def precompute_teacher_embeddings(
         teacher.model.max_seq_length = int(max_seq_length)
 
     def add_embeddings(batch):
-        per_column = [teacher.encode(batch[c], batch_size=batch_size) for c in columns]
-        return {label_column: torch.stack(per_column, dim=1).cpu().numpy()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_autocast):
+            per_column = [teacher.encode(batch[c], batch_size=batch_size) for c in columns]
+        return {label_column: torch.stack(per_column, dim=1).float().cpu().numpy()}
 
     try:
         if label_column in dataset.column_names:

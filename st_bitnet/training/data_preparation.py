@@ -65,9 +65,10 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
 
 
 
-def precompute_scores(recipe: Recipe, datasets, teacher, student=None):
+def precompute_scores(recipe: Recipe, datasets, teacher, student=None, cpu_bf16_autocast: bool = False):
     """The teacher's scores (``precompute_teacher_scores``) or embeddings (``precompute_teacher_embeddings``, at the
-    student's ``max_seq_length``) written into every training set's ``label`` column, once before training."""
+    student's ``max_seq_length``, under bf16 autocast when the training runs so on the CPU) written into every
+    training set's ``label`` column, once before training."""
     components = recipe.loss.values()
     if any(c.precompute_teacher_embeddings for c in components):
         from st_bitnet.teacher import precompute_teacher_embeddings
@@ -76,7 +77,8 @@ def precompute_scores(recipe: Recipe, datasets, teacher, student=None):
         logger.info("embedding the training texts with the teacher once (max_seq_length %s)", length)
 
         def precompute(dataset):
-            return precompute_teacher_embeddings(dataset, teacher, max_seq_length=length)
+            return precompute_teacher_embeddings(dataset, teacher, max_seq_length=length,
+                                                 cpu_bf16_autocast=cpu_bf16_autocast)
     elif any(c.precompute_teacher_scores for c in components):
         from st_bitnet.teacher import precompute_teacher_scores
 

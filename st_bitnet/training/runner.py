@@ -117,10 +117,11 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
     teacher = load_teacher(recipe, student)
     if recipe.hard_negatives:
         train_dataset = mine_negatives(recipe, train_dataset, teacher)
-    train_dataset = precompute_scores(recipe, train_dataset, teacher, student)
-    loss = build_loss(recipe, student, teacher)
     args = training_arguments(recipe)
-    if args.bf16 and student.device.type == "cpu":
+    cpu_bf16 = bool(args.bf16) and student.device.type == "cpu"
+    train_dataset = precompute_scores(recipe, train_dataset, teacher, student, cpu_bf16_autocast=cpu_bf16)
+    loss = build_loss(recipe, student, teacher)
+    if cpu_bf16:
         from st_bitnet.introspection import transformer_modules
 
         from .mixed_precision import autocast_forward
