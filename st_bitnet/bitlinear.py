@@ -164,7 +164,9 @@ def _exact_int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     # fp32 is exact below _FP32_EXACT_MAX_K (see above); on CUDA use fp64 so TF32 settings cannot matter.
     use_fp64 = k > _FP32_EXACT_MAX_K or x_q.device.type != "cpu"
     dtype = torch.float64 if use_fp64 else torch.float32
-    return F.linear(x_q.to(dtype), w_q.to(dtype)).to(torch.float32)
+    # an ambient autocast (a bf16 training loop, a user's context) would round the products
+    with torch.autocast(x_q.device.type, enabled=False):
+        return F.linear(x_q.to(dtype), w_q.to(dtype)).to(torch.float32)
 
 
 def ternary_linear_reference(

@@ -101,3 +101,15 @@ def test_bf16_input_keeps_dtype():
     layer = BitLinear(16, 8, use_rms_norm=False).pack_()
     y = layer(torch.randn(3, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and y.shape == (3, 8)
+
+
+def test_reference_ignores_an_ambient_autocast():
+    # a packed model called inside a bf16 training loop (or a user's autocast) keeps the exact integer product
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 257, generator=g)
+    w_q = torch.randint(-1, 2, (33, 257), generator=g).to(torch.int8)
+    scale, bias = torch.tensor([1.7]), torch.randn(33, generator=g)
+    want = ternary_linear_reference(x, w_q, scale, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ternary_linear_reference(x, w_q, scale, bias)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -623,3 +623,12 @@ def test_kernel_switches_are_read_from_ops_modes(monkeypatch):
         layer(x)
     finally:
         modes.set_kernel_mode(None)
+
+
+def test_cpu_kernel_self_test_passes_under_autocast():
+    # the self-test decides once per process whether the kernel is used; an ambient autocast must not veto it
+    lib = cpu_kernel.load_library("native")
+    if lib is None:
+        pytest.skip("no C compiler for the native CPU kernel")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_kernel._self_test(lib)
