@@ -23,7 +23,7 @@ from st_bitnet.machine import cpu_description
 
 def build(model: str):
     import st_bitnet
-    from st_bitnet.training.runner import resolve_model_path
+    from st_bitnet.training.model_setup import resolve_model_path
     from sentence_transformers import SentenceTransformer
 
     if model != "minilm":

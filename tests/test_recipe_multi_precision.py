@@ -239,7 +239,7 @@ def test_dev_scores_at_every_precision_match_the_evaluator(tiny_model_dir):
     from sentence_transformers import SentenceTransformer
 
     from st_bitnet.multi_precision import MultiPrecisionQuantizer
-    from st_bitnet.training.runner import evaluate, evaluate_precisions
+    from st_bitnet.training.dev_evaluation import evaluate, evaluate_precisions
 
     model = SentenceTransformer(tiny_model_dir, device="cpu")
     assert evaluate_precisions(model, ["sick"]) == {}  # no quantizer: nothing per precision

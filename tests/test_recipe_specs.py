@@ -11,14 +11,14 @@ import pytest
 from st_bitnet.training import DatasetSpec, Recipe, RecipeError, load_recipe, parse_recipe
 from st_bitnet.training.blockwise import BlockwiseConfig
 from st_bitnet.training.data_preparation import mined_data_stamp
-from st_bitnet.training.recipe import (
+from st_bitnet.training.recipe_sections import parse_model_section
+from st_bitnet.training.recipe_specs import (
     HardNegativesSpec,
     LossComponentSpec,
     ModelSpec,
     MultiPrecisionSpec,
     TeacherSpec,
     TrainingSpec,
-    parse_model_section,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def test_the_mined_data_stamp_is_unchanged():
 
 
 def test_training_options_and_overrides_reach_the_trainer_arguments(tmp_path):
-    from st_bitnet.training.runner import training_arguments
+    from st_bitnet.training.arguments import training_arguments
 
     recipe = load_recipe(BITEMBED, [f"output_dir={tmp_path}", "training.learning_rate=3.0e-4", "training.bf16=false"])
     assert recipe.training.arguments["learning_rate"] == 3.0e-4

@@ -92,7 +92,8 @@ def test_tiny_cpu_recipe_trains_minilm_end_to_end(tmp_path):
 def test_add_lora_leaves_only_the_adapters_trainable(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from st_bitnet.training.runner import RecipeError, add_lora
+    from st_bitnet.training.errors import RecipeError
+    from st_bitnet.training.model_setup import add_lora
     from st_bitnet.training.tiny import tiny_bert_sentence_transformer
 
     tiny_bert_sentence_transformer(gt_minilm.get_model_path(), save_to=tmp_path / "base")

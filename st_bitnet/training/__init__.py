@@ -11,7 +11,8 @@ or from a shell: ``st-bitnet train recipes/stage2_distill_minilm.yaml`` /
 
 from .callbacks import LossLogCallback, read_loss_log
 from .datasets import BUILTIN_DATASETS, DatasetConfigError, DatasetSpec, load_training_dataset, load_training_datasets
-from .recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from .errors import RecipeError
+from .recipe import Recipe, load_recipe, parse_recipe
 from .recipe_specs import HardNegativesSpec, LossComponentSpec, ModelSpec, MultiPrecisionSpec, TeacherSpec, TrainingSpec
 from .loss_builder import build_loss
 from .runner import build_trainer, run_recipe

@@ -281,3 +281,23 @@ def blockwise_warm_start(student, teacher_model, texts: list[str], config: Block
     finally:
         student.train(student_was_training)
     return report
+
+
+def warm_start_from_recipe(recipe, student, teacher, train_dataset, bf16: bool) -> list[dict]:
+    """The recipe's ``warm_start`` stage: texts drawn from the training data, the run's bf16 autocast on CPU, the
+    report written to ``<output_dir>/warm_start.json``."""
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from .output_quantizer import calibration_texts
+
+    config = recipe.warm_start
+    texts = calibration_texts(train_dataset, 2 * config.texts, recipe.prompts)
+    cpu_bf16 = bf16 and student.device.type == "cpu"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
+    with autocast:
+        report = blockwise_warm_start(student, teacher.model, texts, config, seed=recipe.seed)
+    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(recipe.output_dir) / "warm_start.json").write_text(json.dumps(report, indent=2))
+    return report

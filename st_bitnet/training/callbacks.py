@@ -9,6 +9,8 @@ import time
 
 from transformers import TrainerCallback
 
+LOSS_LOG = "loss_log.jsonl"  # the run's loss log, next to its checkpoints
+
 
 class LossLogCallback(TrainerCallback):
     """Append every ``on_log`` record (``loss``, each loss component, ``learning_rate``, eval metrics...) to a

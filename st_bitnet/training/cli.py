@@ -61,7 +61,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _configure(argparse.ArgumentParser(prog="python -m st_bitnet.training", description=__doc__))
     args = parser.parse_args(argv)
-    from .recipe import RecipeError
+    from .errors import RecipeError
     from .checkpoints import ResumeError
     from .datasets import DatasetConfigError
     from st_bitnet.teacher import TokenizerMismatchError

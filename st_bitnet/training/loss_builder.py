@@ -7,13 +7,15 @@ from __future__ import annotations
 import inspect
 
 from .loss_types import loss_class
-from .recipe import LossComponentSpec, MultiPrecisionSpec, Recipe, RecipeError
+from .errors import RecipeError
+from .recipe import Recipe
+from .recipe_specs import LossComponentSpec, MultiPrecisionSpec
 
 
 def _instantiate_loss(name: str, component: LossComponentSpec, student, teacher, model_spec: MultiPrecisionSpec | None = None):
     """One loss from its recipe component; a nested ``{type: ...}`` argument (a wrapper's inner loss) is built too,
     and ``multi_precision`` wraps the component in ``MultiPrecisionLoss``."""
-    from .recipe import parse_loss_multi_precision
+    from .recipe_sections import parse_loss_multi_precision
 
     wrap = parse_loss_multi_precision(name, component, model_spec)
     cls = loss_class(component.type)

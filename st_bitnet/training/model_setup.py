@@ -11,7 +11,8 @@ import importlib
 import logging
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError
+from .errors import RecipeError
+from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import logging
 import math
 from typing import Any
 
-from .recipe import MultiPrecisionSpec, RecipeError
+from .errors import RecipeError
+from .recipe_specs import MultiPrecisionSpec
 
 logger = logging.getLogger(__name__)
 
