@@ -14,6 +14,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from st_bitnet.losses import (  # noqa: E402
     EmbeddingMSEDistillationLoss,
     MultiPrecisionLoss,
+    PairSimilarityDistillationLoss,
     SimilarityDistributionDistillationLoss,
     WeightedCombinationLoss,
 )
@@ -59,7 +60,8 @@ def test_precomputed_embeddings_are_the_teachers_per_column(models):
     assert teacher.model.max_seq_length == saved  # restored
 
 
-@pytest.mark.parametrize("loss_class", [SimilarityDistributionDistillationLoss, EmbeddingMSEDistillationLoss])
+@pytest.mark.parametrize("loss_class", [SimilarityDistributionDistillationLoss, EmbeddingMSEDistillationLoss,
+                                        PairSimilarityDistillationLoss])
 def test_losses_from_precomputed_embeddings_equal_the_live_teacher(models, loss_class):
     student, teacher = models
     labels, _ = _labels(teacher, student)
@@ -176,3 +178,16 @@ def test_plain_kd_recipe_trains_without_a_teacher_forward_per_step(tmp_path, tin
     assert not calls  # the teacher embedded the texts once (encode), never inside a training step
     records = [r for r in read_loss_log(tmp_path / "run" / "loss_log.jsonl") if "loss" in r]
     assert len(records) == 4 and all(r["embedding_mse"] > 0 and r["similarity_kd"] >= 0 for r in records)
+    # the labels are saved with their settings and reused by the next run in the same folder (a resumed run
+    # embeds nothing); a changed setting (the student's length) embeds again
+    stamps = list((tmp_path / "run" / "teacher_labels").glob("*/settings.json"))
+    assert stamps and '"kind": "embeddings"' in stamps[0].read_text()
+    encodes = []
+    original_encode = FrozenTeacher.encode
+    monkeypatch.setattr(FrozenTeacher, "encode", lambda self, *a, **k: encodes.append(1) or original_encode(self, *a, **k))
+    again = run_recipe(parse_recipe(_recipe(tiny_model_dir, pairs_file, tmp_path / "run", PLAIN_KD)))
+    assert again["global_step"] == 4 and not encodes
+    changed = _recipe(tiny_model_dir, pairs_file, tmp_path / "run", PLAIN_KD)
+    changed["model"]["max_seq_length"] = 16
+    run_recipe(parse_recipe(changed))
+    assert encodes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss
+from .similarity_distribution_distillation import SimilarityDistributionDistillationLoss, teacher_embeddings_from_labels
 
 
 class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
@@ -20,8 +20,9 @@ class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
 
     Args:
         model: the student SentenceTransformer (may be None when only the tensor methods are used).
-        teacher: a live :class:`~st_bitnet.teacher.FrozenTeacher` (required in training: precomputed per-row scores
-            carry no in-batch candidates).
+        teacher: a live :class:`~st_bitnet.teacher.FrozenTeacher`, or None with the teacher's embeddings precomputed
+            into the labels (``(B, n_columns, dim)``, :func:`~st_bitnet.teacher.precompute_teacher_embeddings`);
+            precomputed per-row scores are refused (they carry no in-batch candidates).
         temperature / teacher_temperature / kl_direction / similarity_fct: as in
             :class:`SimilarityDistributionDistillationLoss` (``in_batch_negatives`` is always True here).
 
@@ -30,11 +31,11 @@ class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
         - The "plain distillation" baseline of ``recipes/minilm_plain_kd.yaml`` is embedding MSE + an in-batch KL.
 
     Inputs:
-        +--------------------------------------------+--------+
-        | Inputs                                     | Labels |
-        +============================================+========+
-        | (anchor, positive[, negative_1, ...])      | none   |
-        +--------------------------------------------+--------+
+        +---------------------------------------+---------------------------------------------------+
+        | Inputs                                | Labels                                            |
+        +=======================================+===================================================+
+        | (anchor, positive[, negative_1, ...]) | none, or the teacher's embeddings (B, columns, d) |
+        +---------------------------------------+---------------------------------------------------+
 
     Example:
         ::
@@ -50,8 +51,6 @@ class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
             })
     """
 
-    accepts_teacher_embeddings = False  # its per-row scores come from a live teacher only
-
     def __init__(self, model=None, teacher=None, **kwargs) -> None:
         if kwargs.get("in_batch_negatives", True) is not True:
             raise ValueError("PairSimilarityDistillationLoss is in-batch by definition; in_batch_negatives must be True")
@@ -64,7 +63,11 @@ class PairSimilarityDistillationLoss(SimilarityDistributionDistillationLoss):
         return super().compute_loss_from_embeddings(student_embeddings[:2], teacher_embeddings[:2])
 
     def compute_loss_from_labels(self, student_embeddings: list[Tensor], labels: Tensor) -> Tensor:
-        raise ValueError(
-            "PairSimilarityDistillationLoss needs a live teacher (teacher=FrozenTeacher(...)): precomputed per-row "
-            "scores hold no in-batch candidates"
-        )
+        """From the teacher's precomputed embeddings ``(B, n_columns, dim)``: the same loss as a live teacher."""
+        teacher = teacher_embeddings_from_labels(labels, student_embeddings)
+        if teacher is None:
+            raise ValueError(
+                "PairSimilarityDistillationLoss needs a live teacher or its precomputed embeddings (B, n_columns, dim): "
+                f"per-row scores hold no in-batch candidates (labels of shape {tuple(labels.shape)})"
+            )
+        return self.compute_loss_from_embeddings(student_embeddings, teacher)

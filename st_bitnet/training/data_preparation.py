@@ -8,7 +8,9 @@ import json
 import logging
 from pathlib import Path
 
-from .recipe import HardNegativesSpec, Recipe, RecipeError
+from .errors import RecipeError
+from .recipe import Recipe
+from .recipe_specs import HardNegativesSpec
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +66,19 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
     return DatasetDict(out)
 
 
-
 def precompute_scores(recipe: Recipe, datasets, teacher, student=None, cpu_bf16_autocast: bool = False):
     """The teacher's scores (``precompute_teacher_scores``) or embeddings (``precompute_teacher_embeddings``, at the
     student's ``max_seq_length``, under bf16 autocast when the training runs so on the CPU) written into every
-    training set's ``label`` column, once before training."""
+    training set's ``label`` column, once before training. Each labelled set is saved under
+    ``<output_dir>/teacher_labels`` with a settings stamp and reused by a resumed run."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
     components = recipe.loss.values()
+    length = getattr(student, "max_seq_length", None)
     if any(c.precompute_teacher_embeddings for c in components):
         from st_bitnet.teacher import precompute_teacher_embeddings
 
-        length = getattr(student, "max_seq_length", None)
+        kind = "embeddings"
         logger.info("embedding the training texts with the teacher once (max_seq_length %s)", length)
 
         def precompute(dataset):
@@ -82,13 +87,31 @@ def precompute_scores(recipe: Recipe, datasets, teacher, student=None, cpu_bf16_
     elif any(c.precompute_teacher_scores for c in components):
         from st_bitnet.teacher import precompute_teacher_scores
 
+        kind = "scores"
+
         def precompute(dataset):
             return precompute_teacher_scores(dataset, teacher)
     else:
         return datasets
-    from datasets import DatasetDict
-
-    if isinstance(datasets, DatasetDict):
-        return DatasetDict({k: precompute(v) for k, v in datasets.items()})
-    return precompute(datasets)
-
+    named = dict(datasets) if isinstance(datasets, DatasetDict) else {recipe.datasets[0].key: datasets}
+    out = {}
+    for key, dataset in named.items():
+        folder = Path(recipe.output_dir) / "teacher_labels" / key
+        stamp = json.dumps({"kind": kind, "teacher": recipe.teacher.path if recipe.teacher else None,
+                            "max_seq_length": length if kind == "embeddings" else None,
+                            "bf16": cpu_bf16_autocast if kind == "embeddings" else None,
+                            "rows": len(dataset), "data": getattr(dataset, "_fingerprint", None)},
+                           sort_keys=True)  # fmt: skip
+        cacheable = getattr(dataset, "_fingerprint", None) is not None  # the content hash of datasets' own cache
+        if cacheable and (folder / "settings.json").is_file() and (folder / "settings.json").read_text() == stamp:
+            out[key] = load_from_disk(str(folder / "data"))
+            logger.info("teacher %s for %s: reused %s", kind, key, folder)
+            continue
+        out[key] = precompute(dataset)
+        if cacheable:
+            folder.mkdir(parents=True, exist_ok=True)
+            out[key].save_to_disk(str(folder / "data"))
+            (folder / "settings.json").write_text(stamp)
+    if isinstance(datasets, Dataset) and not isinstance(datasets, DatasetDict):
+        return next(iter(out.values()))
+    return DatasetDict(out)
