@@ -3,21 +3,21 @@
 Following one recipe from ``st-bitnet train`` (:mod:`.cli`) to the saved model, each stage in its own module and
 in this order:
 
-======================  ===========================================================================================
-:mod:`.recipe`           read the YAML, apply ``--set`` overrides; :mod:`.recipe_sections` validates each section
-                         into its spec (:mod:`.recipe_specs`)
-:mod:`.checkpoints`      the newest complete checkpoint to resume from (``--resume``)
-:mod:`.datasets`         the training data (train splits, held-out slices removed)
-:mod:`.model_setup`      the student (converted, frozen, LoRA, output quantizer) and the frozen teacher
-:mod:`.arguments`        the trainer's arguments (``bf16: auto`` resolved)
-:mod:`.data_preparation` teacher-mined hard negatives, precomputed teacher scores or embeddings
-:mod:`.loss_builder`     the weighted combination of the recipe's losses
-:mod:`.mixed_precision`  bf16 autocast around the CPU forwards
-:mod:`.blockwise`        the block-wise warm start
-:mod:`.callbacks`        the loss log and the wall-clock budget
-:mod:`.trainer`          ``BudgetedTrainer`` (its learning rate decays over the budget); training, resumable
-:mod:`.outputs`          ``final/``, dev scores (:mod:`.dev_evaluation`), ``packed/``, ``results.json``
-======================  ===========================================================================================
+==========================  =========================================================================================
+:mod:`.recipe`              read the YAML, apply ``--set`` overrides; :mod:`.recipe_sections` validates each section
+                            into its spec (:mod:`.recipe_specs`)
+:mod:`.checkpoints`         the newest complete checkpoint to resume from (``--resume``)
+:mod:`.datasets`            the training data (train splits, held-out slices removed)
+:mod:`.model_setup`         the student (converted, frozen, LoRA, output quantizer) and the frozen teacher
+:mod:`.arguments`           the trainer's arguments (``bf16: auto`` resolved)
+:mod:`.data_preparation`    teacher-mined hard negatives, precomputed teacher scores or embeddings
+:mod:`.loss_builder`        the weighted combination of the recipe's losses
+:mod:`.mixed_precision`     bf16 autocast around the CPU forwards
+:mod:`.blockwise`           the block-wise warm start
+:mod:`.callbacks`           the loss log and the wall-clock budget
+:mod:`.trainer`             ``BudgetedTrainer`` (its learning rate decays over the budget); training, resumable
+:mod:`.outputs`             ``final/``, dev scores (:mod:`.dev_evaluation`), ``packed/``, ``results.json``
+==========================  =========================================================================================
 
 The same entry point runs on one CPU, one GPU, or several processes: launch it with ``torchrun`` or
 ``accelerate launch`` and the transformers Trainer sets up DDP (or FSDP when ``training.fsdp`` is set).
