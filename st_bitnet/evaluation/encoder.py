@@ -70,7 +70,8 @@ class EmbeddingCache:
     def dimension(self) -> int | None:
         for vector in self._store.values():
             return int(vector.shape[-1])
-        getter = getattr(self.model, "get_sentence_embedding_dimension", None)
+        getter = getattr(self.model, "get_embedding_dimension", None) or getattr(
+            self.model, "get_sentence_embedding_dimension", None)  # the name before sentence-transformers 6
         return getter() if callable(getter) else None
 
 
