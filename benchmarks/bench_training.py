@@ -6,12 +6,20 @@ distillation loss pays every step, and what a cached teacher saves). Variants ru
 float32 vs bf16 autocast, 1 vs 2 threads, so their ratios share the machine's state.
 
     python benchmarks/bench_training.py --model minilm --batch 64 --seq 64 128 256 --threads 1 2
+
+With ``--recipe``, the steps run on the recipe's own training batches instead (its datasets, batch size,
+max_seq_length; batches drawn per dataset in proportion to its size, every column embedded, as the trainer does):
+random batches against length-grouped ones (``training.batch_sampler: length_grouped``), and the backbone's
+dropout on against off, round-robin over the same batch positions; the mean step time is the throughput.
+
+    ST_BITNET_DATA=../shared/data python benchmarks/bench_training.py --recipe recipes/minilm_bitembed.yaml --steps 24
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -56,6 +64,81 @@ def step_time(student, teacher, feats, dtype: torch.dtype | None, with_teacher: 
     return time.perf_counter() - start
 
 
+def set_dropout(model, p: float) -> None:
+    """Every dropout of the backbone (modules and the attention probabilities) set to ``p``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if hasattr(module, "dropout_prob"):  # BERT's self-attention passes it to SDPA
+            module.dropout_prob = p
+
+
+def recipe_batches(recipe_path: str, steps: int, tokenizer, seed: int = 0):
+    """``steps`` (dataset, random rows, length-grouped rows) triples from the recipe's data, in proportion to size."""
+    from torch.utils.data import RandomSampler
+
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+    from st_bitnet.training.datasets import load_training_datasets
+    from st_bitnet.training.recipe import load_recipe
+    from st_bitnet.training.samplers import LengthGroupedBatchSampler
+
+    recipe = load_recipe(recipe_path)
+    batch = recipe.training.arguments.get("per_device_train_batch_size", 32)
+    data = load_training_datasets(recipe.datasets, seed=recipe.seed)
+    sizes = {k: len(v) for k, v in data.items()}
+    counts = {k: max(1, round(steps * n / sum(sizes.values()))) for k, n in sizes.items()}
+    out = []
+    for key, dataset in data.items():
+        generator = torch.Generator().manual_seed(seed)
+        randoms = list(DefaultBatchSampler(RandomSampler(range(len(dataset)), generator=generator), batch, True))
+        grouped = list(LengthGroupedBatchSampler(dataset, batch, True, seed=seed, tokenizer=tokenizer,
+                                                 max_length=recipe.model.max_seq_length))
+        out += [(key, dataset, randoms[i], grouped[i]) for i in range(min(counts[key], len(randoms), len(grouped)))]
+    random.Random(seed).shuffle(out)
+    return recipe, out
+
+
+def recipe_main(args) -> dict:
+    student, teacher = build(args.model)
+    recipe, batches = recipe_batches(args.recipe, args.steps, student.tokenizer)
+    student.max_seq_length = recipe.model.max_seq_length or student.max_seq_length
+    student.train()
+    torch.set_num_threads(args.threads[-1])
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+    variants = [(sampler, dropout) for sampler in ("random", "length_grouped") for dropout in ("on", "off")]
+    times = {v: [] for v in variants}
+    tokens = {v: 0 for v in variants}
+    for position, (key, dataset, random_rows, grouped_rows) in enumerate([batches[0], *batches]):
+        for sampler, dropout in variants:
+            rows = dataset.select(random_rows if sampler == "random" else grouped_rows)
+            columns = [c for c in rows.column_names if c != "label"]
+            set_dropout(student, 0.1 if dropout == "on" else 0.0)
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                loss = 0.0
+                for column in columns:
+                    feats = getattr(student, "preprocess", student.tokenize)(list(rows[column]))
+                    if position:
+                        tokens[(sampler, dropout)] += int(feats["input_ids"].numel())
+                    loss = loss + student(feats)["sentence_embedding"].float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if position:  # the first position is a warm-up
+                times[(sampler, dropout)].append(time.perf_counter() - start)
+    base = statistics.mean(times[("random", "on")])
+    rows = [{"sampler": s, "dropout": d, "mean_step_s": round(statistics.mean(t), 3),
+             "median_step_s": round(statistics.median(t), 3), "padded_tokens": tokens[(s, d)],
+             "speedup_vs_random_dropout_on": round(base / statistics.mean(t), 3)} for (s, d), t in times.items()]  # fmt: skip
+    for row in rows:
+        print(row, flush=True)
+    result = {"cpu": cpu_description(), "torch": torch.__version__, "threads": args.threads[-1], "dtype": args.dtype,
+              "recipe": args.recipe, "steps": len(batches), "rows": rows}  # fmt: skip
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="minilm")
@@ -63,8 +146,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
-    parser.add_argument("--output", default="benchmarks/results/training_throughput.json")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/training_*.json)")
+    parser.add_argument("--recipe", default=None, help="time steps on this recipe's own batches (see above)")
+    parser.add_argument("--steps", type=int, default=24, help="--recipe: batch positions timed per variant")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="--recipe: autocast or float32")
     args = parser.parse_args(argv)
+    if args.recipe:
+        args.output = args.output or "benchmarks/results/training_recipe_batches.json"
+        return recipe_main(args)
+    args.output = args.output or "benchmarks/results/training_throughput.json"
 
     student, teacher = build(args.model)
     student.train()
