@@ -13,7 +13,7 @@ from st_bitnet.training.recipe import load_recipe
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DRIVERS = sorted(p for p in EXPERIMENTS.glob("*/*.py"))
-YAMLS = sorted(EXPERIMENTS.glob("*/*.yaml"))
+YAMLS = sorted(EXPERIMENTS.glob("*/**/*.yaml"))  # drivers' own recipes and their recipes/ folders
 
 
 def _load_driver(path: Path):
