@@ -283,9 +283,9 @@ def blockwise_warm_start(student, teacher_model, texts: list[str], config: Block
     return report
 
 
-def warm_start_from_recipe(recipe, student, teacher, train_dataset, bf16: bool) -> list[dict]:
-    """The recipe's ``warm_start`` stage: texts drawn from the training data, the run's bf16 autocast on CPU, the
-    report written to ``<output_dir>/warm_start.json``."""
+def warm_start_from_recipe(recipe, student, teacher, train_dataset, cpu_bf16: bool) -> list[dict]:
+    """The recipe's ``warm_start`` stage: texts drawn from the training data, bf16 autocast when the run uses it on
+    the CPU (``cpu_bf16``), the report written to ``<output_dir>/warm_start.json``."""
     import contextlib
     import json
     from pathlib import Path
@@ -294,7 +294,6 @@ def warm_start_from_recipe(recipe, student, teacher, train_dataset, bf16: bool) 
 
     config = recipe.warm_start
     texts = calibration_texts(train_dataset, 2 * config.texts, recipe.prompts)
-    cpu_bf16 = bf16 and student.device.type == "cpu"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
     with autocast:
         report = blockwise_warm_start(student, teacher.model, texts, config, seed=recipe.seed)

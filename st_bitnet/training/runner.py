@@ -69,7 +69,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
             autocast_forward(module)
     if recipe.warm_start is not None and warm_start:
         set_seed(recipe.seed)
-        warm_start_from_recipe(recipe, student, teacher, train_dataset, bool(args.bf16))
+        warm_start_from_recipe(recipe, student, teacher, train_dataset, cpu_bf16)
     callbacks = [LossLogCallback(Path(recipe.output_dir) / LOSS_LOG), *(extra_callbacks or [])]
     budget = recipe.training.time_budget_minutes
     if budget is not None:

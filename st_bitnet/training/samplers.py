@@ -52,8 +52,8 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         self.texts = list(zip(*(dataset[c] for c in columns)))  # one tuple of texts per row
         if tokenizer is not None:
             cap = max_length or 10**9
-            per_column = [[min(len(ids), cap) for ids in tokenizer([str(t) for t in dataset[c]])["input_ids"]]
-                          for c in columns]  # fmt: skip
+            per_column = [[min(len(ids), cap) for ids in tokenizer([str(t) for t in texts])["input_ids"]]
+                          for texts in zip(*self.texts)]  # fmt: skip
             self.lengths = torch.tensor([sum(row) for row in zip(*per_column)], dtype=torch.float64)
         else:
             self.lengths = torch.tensor([sum(len(str(t)) for t in row) for row in self.texts], dtype=torch.float64)
