@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from st_bitnet.machine import cpu_description
+from st_bitnet.training.model_setup import set_dropout
 
 
 def build(model: str):
@@ -62,15 +63,6 @@ def step_time(student, teacher, feats, dtype: torch.dtype | None, with_teacher: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
-
-
-def set_dropout(model, p: float) -> None:
-    """Every dropout of the backbone (modules and the attention probabilities) set to ``p``."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-        if hasattr(module, "dropout_prob"):  # BERT's self-attention passes it to SDPA
-            module.dropout_prob = p
 
 
 def recipe_batches(recipe_path: str, steps: int, tokenizer, seed: int = 0):

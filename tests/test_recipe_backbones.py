@@ -217,6 +217,33 @@ def test_freeze_errors(tiny_model_dir, two_column_pairs_file, tmp_path):
         apply_freeze(model, {"embeddings": False, "trainable_layers": 1})
 
 
+# ---------------------------------------------------------------- dropout
+def _dropouts(model) -> set[float]:
+    values = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    return values | {getattr(m, "attention_dropout") for m in model.modules() if isinstance(getattr(m, "attention_dropout", None), float)}
+
+
+@pytest.mark.parametrize("backbone", ["bert", "qwen3"])
+def test_dropout_option_sets_every_dropout_and_makes_training_forwards_deterministic(
+    backbone, tiny_model_dir, qwen3_dir, two_column_pairs_file, tmp_path
+):
+    path = {"bert": tiny_model_dir, "qwen3": qwen3_dir}[backbone]
+    extra = {"pooling": "lasttoken"} if backbone == "qwen3" else {}
+    kept = load_student(_recipe({"path": path, **extra}, two_column_pairs_file, tmp_path))
+    off = load_student(_recipe({"path": path, "dropout": 0.0, **extra}, two_column_pairs_file, tmp_path))
+    half = load_student(_recipe({"path": path, "dropout": 0.5, **extra}, two_column_pairs_file, tmp_path))
+    assert _dropouts(off) == {0.0} and _dropouts(half) == {0.5}
+    assert _dropouts(kept) == ({0.1} if backbone == "bert" else {0.0})  # the model's own without the option
+    if backbone == "bert":
+        features = off.tokenize(["a sentence with some words", "another one"])
+        off.train()
+        first, second = (off(dict(features))["sentence_embedding"] for _ in range(2))
+        assert torch.equal(first, second)  # no dropout left anywhere in the training forward
+        half.train()
+        first, second = (half(dict(features))["sentence_embedding"] for _ in range(2))
+        assert not torch.equal(first, second)
+
+
 @pytest.mark.parametrize(
     "model_changes, message",
     [
@@ -231,6 +258,9 @@ def test_freeze_errors(tiny_model_dir, two_column_pairs_file, tmp_path):
         ({"gguf_file": 3}, r"model\.gguf_file must be the name of a \.gguf file"),
         ({"prompts": ["query: "]}, r"model\.prompts must map prompt names to strings"),
         ({"pool": "mean"}, r"unknown model option\(s\) \['pool'\]"),
+        ({"dropout": 1.0}, r"model\.dropout must be in \[0, 1\), got 1\.0"),
+        ({"dropout": -0.1}, r"model\.dropout must be in \[0, 1\)"),
+        ({"dropout": "off"}, r"model\.dropout"),
     ],
 )
 def test_bad_backbone_keys_are_refused_up_front(model_changes, message, tmp_path):

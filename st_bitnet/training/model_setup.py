@@ -20,6 +20,26 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 
+def set_dropout(model, p: float) -> int:
+    """Every dropout of ``model`` set to ``p``: ``nn.Dropout`` modules and the attention-probability dropout that
+    transformers' attention modules pass to SDPA as a float (``attention_dropout``, ``dropout_prob``).
+
+    Returns the number of places changed (0 means the model has no dropout this function knows).
+    """
+    import torch
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+            changed += 1
+        for name in ("attention_dropout", "dropout_prob"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+                changed += 1
+    return changed
+
+
 def resolve_model_path(path: str) -> str:
     """``pkg:<package>`` -> ``<package>.get_model_path()`` (offline weight packages); anything else unchanged."""
     if path.startswith("pkg:"):
@@ -175,6 +195,9 @@ def load_student(recipe: Recipe, calibration_sentences: list[str] | None = None,
         if spec.convert:
             raise RecipeError("LoRA is for fine-tuning the full-precision teacher: set model.convert: false")
         add_lora(model, spec.lora)
+    if spec.dropout is not None:
+        changed = set_dropout(model, spec.dropout)
+        logger.info("model.dropout %s set in %d places", spec.dropout, changed)
     freeze = spec.freeze
     if freeze:
         trainable, total = apply_freeze(model, freeze)

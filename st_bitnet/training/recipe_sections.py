@@ -48,7 +48,7 @@ LOSS_MULTI_PRECISION_KEYS = {"precisions", "precision_weights", "n_precisions_pe
 TYPED_OPTIONS = {
     "name": str, "seed": int, "output_dir": str, "description": str, "training": dict, "prompts": dict,
     "model.convert": bool, "model.pack": bool, "model.calibrate_norms": int, "model.max_seq_length": int,
-    "model.trust_remote_code": bool, "model.conversion": dict, "model.lora": dict,
+    "model.trust_remote_code": bool, "model.conversion": dict, "model.lora": dict, "model.dropout": float,
 }  # fmt: skip
 
 
@@ -238,6 +238,9 @@ def parse_model_section(section: Mapping, where: str = "", source: str | None = 
     if bad:
         raise RecipeError(f"unknown model option(s) {sorted(bad)}{where}; known: {sorted(MODEL_KEYS)}")
     model = parse_model_backbone(model, "model", where)
+    dropout = model.get("dropout")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise RecipeError(f"model.dropout{where} must be in [0, 1), got {dropout!r}")
     model["multi_precision"] = parse_multi_precision(model.get("multi_precision"), source)
     return ModelSpec(**_set_options(model))
 

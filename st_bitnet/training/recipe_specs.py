@@ -140,6 +140,8 @@ class ModelSpec(SectionSpec):
         normalize: L2-normalise the raw backbone's embeddings (None: true).
         prompts: the model's named prompts ``{name: prompt}``, saved with it.
         freeze: ``{"embeddings": bool, "trainable_layers": int | None}``, or None (train everything).
+        dropout: every dropout probability of the backbone during training, attention probabilities included
+            (None: the model's own, e.g. 0.1 for BERT).
     """
 
     SECTION = "model"
@@ -159,6 +161,7 @@ class ModelSpec(SectionSpec):
     normalize: bool | None = None
     prompts: dict[str, str] | None = None
     freeze: dict[str, Any] | None = None
+    dropout: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
