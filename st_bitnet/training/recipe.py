@@ -14,7 +14,8 @@ Sections (see ``recipes/README.md`` for a full example):
   ``pooling`` (``mean`` | ``cls`` | ``lasttoken`` | ``max``; default last token for decoders, mean for encoders),
   ``normalize`` (default true) and ``prompts`` (the model's named prompts, saved with it). ``freeze``
   (``{embeddings: true, trainable_layers: 4}``) stops gradients to the token embeddings and to every transformer
-  layer below the top ``trainable_layers``, see :func:`.recipe_sections.parse_model_backbone`.
+  layer below the top ``trainable_layers``, see :func:`.recipe_sections.parse_model_backbone`. ``dropout`` sets
+  every dropout probability of the backbone for training, attention probabilities included (default: the model's own).
 * ``teacher``: ``path``, ``device``, ``dtype``; required by the distillation losses.
 * ``datasets``: a list of :class:`~st_bitnet.training.datasets.DatasetSpec` entries.
 * ``prompts``: instruction prompts, ``{column: prompt}`` (e.g. ``{anchor: "query: "}``).
