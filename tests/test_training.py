@@ -228,8 +228,10 @@ def test_warm_start_and_hard_negative_sections_are_validated(tmp_path, pairs_fil
         parse_recipe(_raw("m", pairs_file, tmp_path, warm_start={"steps_per_block": 0}))
     with pytest.raises(RecipeError, match="unexpected keyword|warm_start"):
         parse_recipe(_raw("m", pairs_file, tmp_path, warm_start={"stepz": 3}))
-    with pytest.raises(RecipeError, match="unknown keys"):
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['negatives'\] in hard_negatives"):
         parse_recipe(_raw("m", pairs_file, tmp_path, hard_negatives={"negatives": 3}))
+    with pytest.raises(RecipeError, match=r"hard_negatives must be a mapping like \{num_negatives"):
+        parse_recipe(_raw("m", pairs_file, tmp_path, hard_negatives=3))
     with pytest.raises(RecipeError, match="not datasets of this recipe"):
         parse_recipe(_raw("m", pairs_file, tmp_path, hard_negatives={"datasets": ["nope"]}))
     no_teacher = _raw("m", pairs_file, tmp_path, loss={"c": {"type": "MultipleNegativesRankingLoss"}},

@@ -113,6 +113,18 @@ def _parse_pooling(value: Any, where: str) -> dict[str, Any] | None:
     return {"mode": mode, "normalization": normalization, "include_prompt": include_prompt}
 
 
+def _optional_section(value: Any, what: str, known, example: str, accepts: str = "a mapping") -> dict | None:
+    """A section that null / false switches off: None then, else the mapping, after checking its keys."""
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{what} must be {accepts} like {example}, got {value!r}")
+    bad = set(value) - set(known)
+    if bad:
+        raise RecipeError(f"unknown key(s) {sorted(bad)} in {what}; known: {sorted(known)}")
+    return dict(value)
+
+
 def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisionSpec | None:
     """Validate ``model.multi_precision``: ``true`` (defaults), a mapping, or false / null (off).
 
@@ -126,18 +138,14 @@ def parse_multi_precision(value: Any, source: str | None = None) -> MultiPrecisi
         RecipeError: naming the bad key and what it accepts.
     """
     where = f" in {source}" if source else ""
-    if value is None or value is False:
-        return None
     if isinstance(value, MultiPrecisionSpec):
         return value
     if value is True:
         return MultiPrecisionSpec()
-    section = f"model.multi_precision{where}"
-    if not isinstance(value, dict):
-        raise RecipeError(f"{section} must be true or a mapping like {MULTI_PRECISION_EXAMPLE}; got {value!r}")
-    bad = set(value) - MULTI_PRECISION_KEYS
-    if bad:
-        raise RecipeError(f"unknown key(s) {sorted(bad)} in {section}; known: {sorted(MULTI_PRECISION_KEYS)}")
+    value = _optional_section(value, f"model.multi_precision{where}", MULTI_PRECISION_KEYS, MULTI_PRECISION_EXAMPLE,
+                              accepts="true or a mapping")  # fmt: skip
+    if value is None:
+        return None
     spec = MultiPrecisionSpec()
     precisions = spec.precisions
     if "precisions" in value:
@@ -209,13 +217,9 @@ def parse_freeze(value: Any, what: str = "model.freeze") -> dict | None:
     ``embeddings`` freezes the backbone's token (input) embeddings; ``trainable_layers: N`` freezes every
     transformer layer below the top ``N`` (0 freezes them all; null / absent freezes none).
     """
-    if value is None or value is False:
+    value = _optional_section(value, what, FREEZE_KEYS, FREEZE_EXAMPLE)
+    if value is None:
         return None
-    if not isinstance(value, dict):
-        raise RecipeError(f"{what} must be a mapping like {FREEZE_EXAMPLE}, got {value!r}")
-    bad = set(value) - FREEZE_KEYS
-    if bad:
-        raise RecipeError(f"unknown key(s) {sorted(bad)} in {what}; known: {sorted(FREEZE_KEYS)}")
     embeddings = value.get("embeddings", False)
     if not isinstance(embeddings, bool):
         raise RecipeError(f"{what}.embeddings must be true or false, got {embeddings!r}")
@@ -474,13 +478,10 @@ def parse_warm_start(value: Any, teacher, where: str = ""):
 
 def parse_hard_negatives(value: Any, teacher, specs, where: str = "") -> HardNegativesSpec | None:
     """``hard_negatives: {num_negatives: 1, range_min: 10, range_max: 50, datasets: [scifact]}``: validated spec."""
-    if value is None or value is False:
+    value = _optional_section(value, f"hard_negatives{where}", HARD_NEGATIVE_KEYS,
+                              "{num_negatives: 1, range_min: 10, range_max: 50}")  # fmt: skip
+    if value is None:
         return None
-    if not isinstance(value, Mapping):
-        raise RecipeError(f"hard_negatives{where} must be a mapping, e.g. {{num_negatives: 1, range_min: 10, range_max: 50}}")
-    bad = set(value) - HARD_NEGATIVE_KEYS
-    if bad:
-        raise RecipeError(f"hard_negatives{where}: unknown keys {sorted(bad)}; known: {sorted(HARD_NEGATIVE_KEYS)}")
     if teacher is None:
         raise RecipeError(f"hard_negatives{where} are mined by the teacher: add a teacher section")
     out = {**HardNegativesSpec().mining_settings(), **value}  # the defaults, then the recipe's values as written
