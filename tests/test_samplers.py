@@ -49,13 +49,28 @@ def test_seeded_per_epoch_and_drop_last():
     assert list(LengthGroupedBatchSampler(data, 16, True, seed=2)) != first
 
 
-def test_no_text_twice_in_a_batch():
-    data = _dataset(n=300, duplicates=40)
-    batches = list(LengthGroupedBatchSampler(data, batch_size=16, drop_last=False, seed=0))
-    assert sorted(i for b in batches for i in b) == list(range(300))
+def test_no_text_twice_in_a_batch_and_no_batch_of_one():
+    data = _dataset(n=300, duplicates=40)  # 40 rows share a text, and there are only 19 batches to spread them over
+    sampler = LengthGroupedBatchSampler(data, batch_size=16, drop_last=False, seed=0)
+    batches = list(sampler)
+    rows = [i for b in batches for i in b]
+    assert len(rows) == len(set(rows))
+    missing = set(range(300)) - set(rows)
+    assert missing <= set(range(40)) and len(missing) == sampler.dropped_rows  # only clashing rows sit out
+    assert sampler.dropped_rows <= 40 - len(batches)
     for batch in batches:
+        assert len(batch) >= 2, batch  # in-batch losses need a second candidate
         texts = [t for i in batch for t in (data[i]["anchor"], data[i]["positive"])]
         assert len(texts) == len(set(texts)), batch
+
+
+def test_a_leftover_row_joins_a_batch_instead_of_standing_alone():
+    # 33 rows, batch 16: without a clash the tail is one row, which must not become a batch of its own
+    data = _dataset(n=33)
+    sampler = LengthGroupedBatchSampler(data, batch_size=16, drop_last=False, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(33)) and sampler.dropped_rows == 0
+    assert sorted(len(b) for b in batches) == [16, 17]
 
 
 def test_bad_arguments():

@@ -78,6 +78,27 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
             out.extend(chunk[torch.argsort(self.lengths[chunk], stable=True)].tolist())
         return out
 
+    def _without_single_rows(self, batches: list[list[int]]) -> list[list[int]]:
+        """One-row batches (left by duplicate-text clashes) join the smallest batch they do not clash with.
+
+        In-batch losses need two rows at least (a softmax over one candidate is constant). A row that clashes with
+        every batch opens a batch other such rows may join; one still alone at the end sits this epoch out
+        (``self.dropped_rows`` counts them), as a duplicate text in its batch would make a false negative.
+        """
+        kept = [batch for batch in batches if len(batch) > 1]
+        for batch in batches:
+            if len(batch) != 1:
+                continue
+            values = set(self.texts[batch[0]])
+            fits = [b for b in kept if all(values.isdisjoint(self.texts[other]) for other in b)]
+            if fits:
+                min(fits, key=len).append(batch[0])
+            else:
+                kept.append(list(batch))
+        out = [batch for batch in kept if len(batch) > 1]
+        self.dropped_rows = len(kept) - len(out)
+        return out
+
     def __iter__(self) -> Iterator[list[int]]:
         generator = self._generator()
         batches: list[list[int]] = []
@@ -108,6 +129,7 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
                 batch, seen = [], set()
         if batch:
             batches.append(batch)
+        batches = self._without_single_rows(batches)
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         for position in torch.randperm(len(batches), generator=generator).tolist():
