@@ -21,7 +21,7 @@ Run (from the repository root; results land in ``experiments/gemma3_error_analys
     OMP_NUM_THREADS=1 nice -n 19 python experiments/gemma3_error_analysis/run.py --part analysis
     OMP_NUM_THREADS=1 nice -n 19 python experiments/gemma3_error_analysis/run.py --part fixes
     OMP_NUM_THREADS=1 nice -n 19 python experiments/gemma3_error_analysis/run.py --part warmstart --steps-per-block 40
-    ... --part warmstart --warmstart-loss channel_normalized --tag _channel_normalized   # not run yet
+    ... --part warmstart --warmstart-loss channel_normalized --tag _channel_normalized
 """
 
 from __future__ import annotations
