@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,24 @@ def test_plain_kd_recipe_trains_without_a_teacher_forward_per_step(tmp_path, tin
     changed["model"]["max_seq_length"] = 16
     run_recipe(parse_recipe(changed))
     assert encodes
+
+
+def test_labels_of_mined_datasets_are_reused_by_the_next_run(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    # mining writes its datasets to disk and a resumed run reads them back: both runs must key the teacher-label
+    # cache on the same dataset, or every resume embeds the whole training data again
+    from st_bitnet.training import parse_recipe, run_recipe
+
+    import json
+
+    rows = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
+    pairs_only = tmp_path / "pairs_only.jsonl"  # mining fills a (anchor, positive) dataset's negatives
+    pairs_only.write_text("\n".join(json.dumps({"anchor": r["anchor"], "positive": r["positive"]}) for r in rows) + "\n")
+    pairs_file = str(pairs_only)
+    mined = {"num_negatives": 1, "range_min": 1, "range_max": 20, "relative_margin": 0.0}
+    first = run_recipe(parse_recipe(_recipe(tiny_model_dir, pairs_file, tmp_path / "run", PLAIN_KD, hard_negatives=mined)))
+    assert first["global_step"] == 4 and list((tmp_path / "run" / "hard_negatives").glob("*/settings.json"))
+    encodes = []
+    original_encode = FrozenTeacher.encode
+    monkeypatch.setattr(FrozenTeacher, "encode", lambda self, *a, **k: encodes.append(1) or original_encode(self, *a, **k))
+    again = run_recipe(parse_recipe(_recipe(tiny_model_dir, pairs_file, tmp_path / "run", PLAIN_KD, hard_negatives=mined)))
+    assert again["global_step"] == 4 and not encodes

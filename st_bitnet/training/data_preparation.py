@@ -60,7 +60,9 @@ def mine_negatives(recipe: Recipe, train_dataset, teacher):
         folder.mkdir(parents=True, exist_ok=True)
         mined.save_to_disk(str(folder / "data"))
         (folder / "settings.json").write_text(stamp)
-        out[key] = mined
+        # read back, so a fresh and a resumed run hold the same dataset (fingerprint included: the teacher-label
+        # cache keys on it)
+        out[key] = load_from_disk(str(folder / "data"))
     if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DatasetDict):
         return next(iter(out.values()))
     return DatasetDict(out)
