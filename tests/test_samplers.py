@@ -71,6 +71,8 @@ def test_a_leftover_row_joins_a_batch_instead_of_standing_alone():
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(33)) and sampler.dropped_rows == 0
     assert sorted(len(b) for b in batches) == [16, 17]
+    dropping = LengthGroupedBatchSampler(data, batch_size=16, drop_last=True, seed=1)
+    assert sorted(len(b) for b in dropping) == [16, 16] and dropping.dropped_rows == 0  # drop_last keeps full batches
 
 
 def test_bad_arguments():

@@ -28,6 +28,7 @@ def set_dropout(model, p: float) -> int:
     """
     import torch
 
+    p = float(p)  # the attention modules hold a float; an int would hide them from the next call
     changed = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -58,6 +58,7 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         else:
             self.lengths = torch.tensor([sum(len(str(t)) for t in row) for row in self.texts], dtype=torch.float64)
         self.window_batches = window_batches
+        self.dropped_rows = 0  # rows the last epoch left out (see _without_single_rows)
 
     def __len__(self) -> int:
         n = len(self.texts)
@@ -129,8 +130,9 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
                 batch, seen = [], set()
         if batch:
             batches.append(batch)
-        batches = self._without_single_rows(batches)
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
+        else:  # a full batch grown by a leftover row would fall to drop_last: merge only when keeping partial ones
+            batches = self._without_single_rows(batches)
         for position in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[position]
