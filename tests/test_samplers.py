@@ -58,6 +58,9 @@ def test_no_text_twice_in_a_batch_and_no_batch_of_one():
     missing = set(range(300)) - set(rows)
     assert missing <= set(range(40)) and len(missing) == sampler.dropped_rows  # only clashing rows sit out
     assert sampler.dropped_rows <= 40 - len(batches)
+    assert len(sampler) == len(batches)  # the trainer's epoch length counts the batches clash splits make
+    sampler.set_epoch(1)
+    assert len(sampler) == len(list(sampler))
     for batch in batches:
         assert len(batch) >= 2, batch  # in-batch losses need a second candidate
         texts = [t for i in batch for t in (data[i]["anchor"], data[i]["positive"])]
@@ -70,9 +73,10 @@ def test_a_leftover_row_joins_a_batch_instead_of_standing_alone():
     sampler = LengthGroupedBatchSampler(data, batch_size=16, drop_last=False, seed=1)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(33)) and sampler.dropped_rows == 0
-    assert sorted(len(b) for b in batches) == [16, 17]
+    assert sorted(len(b) for b in batches) == [16, 17] and len(sampler) == 2  # not ceil(33 / 16)
     dropping = LengthGroupedBatchSampler(data, batch_size=16, drop_last=True, seed=1)
     assert sorted(len(b) for b in dropping) == [16, 16] and dropping.dropped_rows == 0  # drop_last keeps full batches
+    assert len(dropping) == 2
 
 
 def test_bad_arguments():

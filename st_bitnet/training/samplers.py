@@ -59,10 +59,14 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
             self.lengths = torch.tensor([sum(len(str(t)) for t in row) for row in self.texts], dtype=torch.float64)
         self.window_batches = window_batches
         self.dropped_rows = 0  # rows the last epoch left out (see _without_single_rows)
+        self._length_of_epoch: tuple[int, int] | None = None
 
     def __len__(self) -> int:
-        n = len(self.texts)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        # Clash splits and merged one-row tails move the count off ceil(rows / batch): count this epoch's batches.
+        epoch = int(getattr(self, "epoch", 0))
+        if self._length_of_epoch is None or self._length_of_epoch[0] != epoch:
+            self._length_of_epoch = (epoch, len(self._epoch_batches(self._generator())))
+        return self._length_of_epoch[1]
 
     def _generator(self) -> torch.Generator:
         generator = torch.Generator()
@@ -100,8 +104,8 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         self.dropped_rows = len(kept) - len(out)
         return out
 
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = self._generator()
+    def _epoch_batches(self, generator: torch.Generator) -> list[list[int]]:
+        """This epoch's batches in grouped order; ``generator`` is left where the final shuffle draws from."""
         batches: list[list[int]] = []
         batch: list[int] = []
         seen: set[str] = set()
@@ -134,5 +138,10 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
             batches = [b for b in batches if len(b) == self.batch_size]
         else:  # a full batch grown by a leftover row would fall to drop_last: merge only when keeping partial ones
             batches = self._without_single_rows(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = self._generator()
+        batches = self._epoch_batches(generator)
         for position in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[position]
