@@ -10,6 +10,7 @@ from st_bitnet.training.blockwise import (
     blockwise_warm_start,
     channel_normalized_error,
     relative_error,
+    relative_plus_channel_normalized_error,
 )
 
 
@@ -51,12 +52,24 @@ def test_a_massive_constant_channel_dominates_the_relative_error_only():
     assert torch.allclose(channel_normalized_error(fits_rest_only, target, mask), torch.tensor(0.01 / 8), rtol=1e-4)
 
 
+def test_the_sum_keeps_both_preferences():
+    g = torch.Generator().manual_seed(2)
+    target, mask = _batch(g, 1000.0)
+    output = target + 0.1 * torch.randn(target.shape, generator=g)
+    want = relative_error(output, target, mask) + channel_normalized_error(output, target, mask)
+    assert torch.allclose(relative_plus_channel_normalized_error(output, target, mask), want)
+    assert relative_plus_channel_normalized_error(target, target, mask) == 0
+    scale_lost = target.clone()
+    scale_lost[..., 0] *= 0.5  # the massive channel at half its size, the rest exact: the relative term sees it
+    assert relative_plus_channel_normalized_error(scale_lost, target, mask) > channel_normalized_error(scale_lost, target, mask) + 0.2
+
+
 def test_loss_mode_is_validated():
     with pytest.raises(ValueError, match="warm_start.loss"):
         BlockwiseConfig(loss="mse")
 
 
-@pytest.mark.parametrize("loss", ["relative", "channel_normalized"])
+@pytest.mark.parametrize("loss", ["relative", "channel_normalized", "relative_plus_channel_normalized"])
 def test_warm_start_lowers_the_chosen_loss(tiny_model_dir, loss):
     import st_bitnet
     from sentence_transformers import SentenceTransformer

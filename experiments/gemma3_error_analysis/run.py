@@ -49,7 +49,7 @@ from st_bitnet import data as stdata  # noqa: E402
 from st_bitnet.bitlinear import quantize_activations_int8, quantize_weight_ternary  # noqa: E402
 from st_bitnet.convert import default_filter  # noqa: E402
 from st_bitnet.losses.hidden_state_capture import find_transformer_blocks  # noqa: E402
-from st_bitnet.training.blockwise import _call_block, _record_teacher, relative_error  # noqa: E402
+from st_bitnet.training.blockwise import LOSS_MODES, _call_block, _record_teacher, relative_error  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_SEQ_LENGTH = 64
@@ -645,7 +645,7 @@ def main():
     parser.add_argument("--texts", type=int, default=64, help="analysis and held-out sentences (each)")
     parser.add_argument("--warmstart-texts", type=int, default=512)
     parser.add_argument("--warmstart-batch", type=int, default=32)
-    parser.add_argument("--warmstart-loss", default="relative", choices=("relative", "channel_normalized"))
+    parser.add_argument("--warmstart-loss", default="relative", choices=LOSS_MODES)
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     if args.part == "tables":

@@ -11,7 +11,8 @@ The reconstruction loss is either the relative error above (``loss="relative"``)
 of the teacher's spread of that channel over the batch's tokens (``loss="channel_normalized"``). The second
 matters for backbones with massive, nearly constant channels (Gemma3's residual stream): there the relative error
 is dominated by those channels, which a block can fit while the sentence-dependent channels the embedding is
-pooled from stay wrong.
+pooled from stay wrong. Their sum (``loss="relative_plus_channel_normalized"``) asks for both: the massive
+channels at their scale, which the layers above read, and the sentence-dependent channels in their own units.
 
 Inputs of block ``i`` are, with ``inputs="student"`` (default), the outputs of the already warm-started student
 blocks below it, so each block also learns to undo the error that reaches it; with ``inputs="teacher"`` they are
@@ -39,7 +40,7 @@ from st_bitnet.losses.hidden_state_capture import find_transformer_blocks
 logger = logging.getLogger(__name__)
 
 INPUT_MODES = ("student", "teacher")
-LOSS_MODES = ("relative", "channel_normalized")
+LOSS_MODES = ("relative", "channel_normalized", "relative_plus_channel_normalized")
 
 
 @dataclass
@@ -54,7 +55,8 @@ class BlockwiseConfig:
         max_seq_length: truncation of the warm-start texts (None: the student's).
         inputs: ``"student"`` (outputs of the warm-started blocks below) or ``"teacher"``.
         held_out_batches: batches kept out of training to report each block's error before/after.
-        loss: ``"relative"`` (:func:`relative_error`) or ``"channel_normalized"`` (:func:`channel_normalized_error`).
+        loss: ``"relative"`` (:func:`relative_error`), ``"channel_normalized"`` (:func:`channel_normalized_error`)
+            or ``"relative_plus_channel_normalized"`` (their sum: the massive channels' scale and the others' shape).
     """
 
     texts: int = 2048
@@ -121,7 +123,13 @@ def channel_normalized_error(output: Tensor, target: Tensor, mask: Tensor, magni
     return (((o - t) ** 2 / scale) * m).sum() / (count * t.shape[-1])
 
 
-RECONSTRUCTION_LOSSES = {"relative": relative_error, "channel_normalized": channel_normalized_error}
+def relative_plus_channel_normalized_error(output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """:func:`relative_error` + :func:`channel_normalized_error`, each with its defaults."""
+    return relative_error(output, target, mask) + channel_normalized_error(output, target, mask)
+
+
+RECONSTRUCTION_LOSSES = {"relative": relative_error, "channel_normalized": channel_normalized_error,
+                         "relative_plus_channel_normalized": relative_plus_channel_normalized_error}
 
 
 def _call_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict, by_keyword: bool) -> Tensor:
