@@ -1,11 +1,15 @@
-"""Where a packed st_bitnet forward spends its time: torch.profiler shares per part, float32 rest vs bf16 rest.
+"""Where a forward spends its time: torch.profiler shares per part, st_bitnet (float32 / bf16 rest) and its rival.
 
-Parts: ``bitlinear`` (every packed BitLinear: its norm, int8 quantization and ternary kernel), ``attention``
+Parts: ``linears`` (every packed BitLinear with its norm, int8 quantization and ternary kernel; in the PyTorch
+variants every ``nn.Linear`` or dynamic int8 linear with its activation quantization), ``attention``
 (``aten::scaled_dot_product_attention``), ``norms`` (the model's own RMSNorm / LayerNorm modules, q/k norms
 included), ``rotary`` (the rotary-embedding module and ``apply_rotary_pos_emb``), ``activations`` (the MLP's
 ``act_fn``), ``embedding`` (``aten::embedding``) and ``other`` (the rest of the forward: residual adds, reshapes,
 masks, transformers' module code). Parts are marked with ``torch.profiler.record_function`` around the modules
 (forward pre/post hooks); shares are of the whole forward's wall time as the profiler records it.
+
+Profiled variants: both st_bitnet variants and PyTorch's dynamic int8 (the fastest alternative on CPUs without AMX,
+whose linears use the same VNNI instructions), so a part's milliseconds can be compared between them.
 
 Run through ``bench_side_by_side.py --profile`` (or ``python benchmarks/bench_profile.py --models qwen3``).
 """
@@ -30,14 +34,17 @@ import st_bitnet  # noqa: E402
 from st_bitnet.bitlinear import BitLinear  # noqa: E402
 from st_bitnet.ops import register_kernels  # noqa: E402
 
-PARTS = ("bitlinear", "attention", "norms", "rotary", "activations", "embedding", "other")
+_LINEARS = (BitLinear, torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
+PROFILED_VARIANTS = ("st_bitnet", "st_bitnet-bf16", "torch-int8-dynamic")
+
+PARTS = ("linears", "attention", "norms", "rotary", "activations", "embedding", "other")
 _OPS = {"aten::scaled_dot_product_attention": "attention", "aten::embedding": "embedding"}
 _LABEL = "sbs::"
 
 
 def _part_of(name: str, module: torch.nn.Module) -> str | None:
-    if isinstance(module, BitLinear):
-        return "bitlinear"
+    if isinstance(module, _LINEARS):
+        return "linears"
     cls = type(module).__name__
     if cls.endswith(("RMSNorm", "LayerNorm")) and cls != "BitRMSNorm":
         return "norms"
@@ -105,18 +112,20 @@ def breakdown(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, run
     return {"share": share, "forward_ms": forward / runs / 1000.0}
 
 
-def profile_st_bitnet(model_name: str, layers: int, shapes) -> dict:
-    """``{"<variant> @ BxS": breakdown}`` for the packed model with a float32 rest and with a bf16 rest."""
+def profile_variants(model_name: str, layers: int, shapes, variants=PROFILED_VARIANTS) -> dict:
+    """``{"<variant> @ BxS": breakdown}`` for each variant of ``bench_side_by_side`` (same seeded weights)."""
+    from bench_side_by_side import build_variant
+
     torch.manual_seed(0)
-    packed = st_bitnet.pack(st_bitnet.convert(_hf_model(model_name, layers))).eval()
-    models = {"st_bitnet": packed, "st_bitnet-bf16": copy.deepcopy(packed).to(torch.bfloat16)}
+    base = _hf_model(model_name, layers).eval()
+    models = {v: build_variant(v, model_name, layers, base=base) for v in variants}
     out = {}
     for batch, seq in shapes:
         ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(seq))
         for variant, m in models.items():
-            out[f"{variant} @ {batch}x{seq}"] = breakdown(m, ids, torch.ones_like(ids))
-            print(model_name, variant, f"{batch}x{seq}",
-                  {k: f"{100 * v:.0f}%" for k, v in out[f"{variant} @ {batch}x{seq}"]["share"].items()}, flush=True)
+            r = out[f"{variant} @ {batch}x{seq}"] = breakdown(m, ids, torch.ones_like(ids))
+            print(model_name, variant, f"{batch}x{seq}", f"{r['forward_ms']:.1f} ms",
+                  {k: f"{100 * v:.0f}%" for k, v in r["share"].items()}, flush=True)
     return out
 
 
@@ -131,7 +140,7 @@ def main(argv=None):
     register_kernels()
     from bench_side_by_side import FULL_LAYERS
 
-    result = {m: profile_st_bitnet(m, args.layers or FULL_LAYERS[m], ((1, 32), (8, 128))) for m in args.models}
+    result = {m: profile_variants(m, args.layers or FULL_LAYERS[m], ((1, 32), (8, 128))) for m in args.models}
     print(json.dumps(result, indent=1))
     return result
 

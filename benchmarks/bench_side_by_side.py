@@ -33,8 +33,8 @@ defaults run 2x more token-forwards on the small columns (3 passes + 1 warm-up v
 CPU-s, ~520 s on 2 threads at 85% scaling, plus ~2 minutes for the 10 memory subprocesses. An upper bound: the
 embedding table and model building do not grow with depth. ``--big-repeats 2`` adds about 5 minutes; ``--profile`` adds 16 forwards at 1x32 and 8x128 per model (not timed yet).
 ``--quick`` (2 layers, hidden sizes of the real models, shapes 1x8 and 2x16, 2 repeats) runs in seconds; ``--profile`` adds a
-torch.profiler breakdown (BitLinear, attention/SDPA, norms, rotary, activations, embedding, other) of both
-st_bitnet variants at 1x32 and 8x128.
+torch.profiler breakdown (linears, attention/SDPA, norms, rotary, activations, embedding, other) of both
+st_bitnet variants and PyTorch dynamic int8 at 1x32 and 8x128.
 
 Usage::
 
@@ -236,11 +236,12 @@ def render(meta: dict, results: dict) -> str:
                 else:
                     lines.append(f"| {variant} | {mem['resident_mib']:.0f} | {mem['peak_forward_mib']:.0f} |")
         if r.get("profile"):
-            lines += ["", f"profile ({model}, share of the forward's CPU time, torch.profiler)", ""]
+            lines += ["", f"profile ({model}, share of the forward's CPU time and its ms, torch.profiler)", ""]
             parts = list(next(iter(r["profile"].values()))["share"])
             lines += ["| variant @ shape | " + " | ".join(parts) + " | forward ms |", "|---|" + "---:|" * (len(parts) + 1)]
             for key, prof in r["profile"].items():
-                lines.append(f"| {key} | " + " | ".join(f"{100 * prof['share'][p]:.0f}%" for p in parts)
+                lines.append(f"| {key} | " + " | ".join(f"{100 * prof['share'][p]:.0f}% ({prof['share'][p] * prof['forward_ms']:.1f})"
+                                                        for p in parts)
                              + f" | {prof['forward_ms']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -253,7 +254,7 @@ def main(argv=None):
     p.add_argument("--big-repeats", type=int, default=1, help="passes of the largest shape (32x256; no warm-up)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
-    p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of both st_bitnet variants")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown of both st_bitnet variants and dynamic int8")
     p.add_argument("--quick", action="store_true", help="2 layers, tiny shapes, 2 repeats: a smoke run in seconds")
     p.add_argument("--out", default="benchmarks/results/side_by_side")
     p.add_argument("--_memory-child", nargs=4, metavar=("MODEL", "LAYERS", "VARIANT", "SHAPE"), help=argparse.SUPPRESS)
@@ -289,9 +290,9 @@ def main(argv=None):
              "seconds_timing": time.perf_counter() - t0, "cpu_seconds_timing": time.process_time() - c0}  # fmt: skip
         gc.collect()
         if args.profile:
-            from bench_profile import profile_st_bitnet
+            from bench_profile import profile_variants
 
-            r["profile"] = profile_st_bitnet(model, layers, ((1, 8), (2, 16)) if args.quick else ((1, 32), (8, 128)))
+            r["profile"] = profile_variants(model, layers, ((1, 8), (2, 16)) if args.quick else ((1, 32), (8, 128)))
         if not args.no_memory:
             t0 = time.perf_counter()
             r["memory"] = measure_memory(model, layers, variants, memory_shape, torch.get_num_threads())

@@ -38,13 +38,13 @@ def test_quick_run_reports_every_variant_and_column(bench, tmp_path):
             best_ours = max(speeds[v] for v in bench.ST_VARIANTS)
             best_theirs = max(v for k, v in speeds.items() if k not in bench.ST_VARIANTS)
             assert r["ratio"][col]["ratio"] == pytest.approx(best_ours / best_theirs)
-        from bench_profile import PARTS
+        from bench_profile import PARTS, PROFILED_VARIANTS
 
-        assert len(r["profile"]) == 2 * len(bench.ST_VARIANTS)  # both variants at two shapes
+        assert len(r["profile"]) == 2 * len(PROFILED_VARIANTS)  # every profiled variant at two shapes
         for prof in r["profile"].values():
             share = prof["share"]
             assert set(share) == set(PARTS) and sum(share.values()) == pytest.approx(1.0)
-            assert share["bitlinear"] > 0 and share["attention"] > 0 and share["norms"] > 0 and prof["forward_ms"] > 0
+            assert share["linears"] > 0 and share["attention"] > 0 and share["norms"] > 0 and prof["forward_ms"] > 0
     table = out.with_suffix(".md").read_text()
     assert all(v in table for v in meta["variants"]) and all(c in table for c in columns)
 
