@@ -11,7 +11,8 @@ masks, transformers' module code). Parts are marked with ``torch.profiler.record
 Profiled variants: both st_bitnet variants and PyTorch's dynamic int8 (the fastest alternative on CPUs without AMX,
 whose linears use the same VNNI instructions), so a part's milliseconds can be compared between them.
 
-Run through ``bench_side_by_side.py --profile`` (or ``python benchmarks/bench_profile.py --models qwen3``).
+Run through ``bench_side_by_side.py --profile``, or alone: ``python benchmarks/bench_profile.py`` (both models at
+their real depth, 1x32 and 8x128; writes ``benchmarks/results/profile.{json,md}``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -93,23 +97,27 @@ def labelled(model: torch.nn.Module):
             module.apply_rotary_pos_emb = fn
 
 
-def breakdown(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, runs: int = 3) -> dict:
-    """Shares of the forward's time per part (means over ``runs`` profiled forwards after one warm-up)."""
+def breakdown(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, runs: int = 5) -> dict:
+    """Shares of the forward's time per part: each part's median over ``runs`` forwards, each profiled on its own
+    after one warm-up (a median, so one forward stalled by another process does not decide the row)."""
+    per_run = []
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=mask)
-        with labelled(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with labelled(model):
             for _ in range(runs):
-                with record_function(_LABEL + "forward"):
-                    model(input_ids=ids, attention_mask=mask)
-    totals = {}
-    for event in prof.events():
-        key = event.name[len(_LABEL):] if event.name.startswith(_LABEL) else _OPS.get(event.name)
-        if key is not None:
-            totals[key] = totals.get(key, 0.0) + event.cpu_time_total
-    forward = totals.pop("forward")
-    share = {part: totals.get(part, 0.0) / forward for part in PARTS if part != "other"}
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    with record_function(_LABEL + "forward"):
+                        model(input_ids=ids, attention_mask=mask)
+                totals = {}
+                for event in prof.events():
+                    key = event.name[len(_LABEL):] if event.name.startswith(_LABEL) else _OPS.get(event.name)
+                    if key is not None:
+                        totals[key] = totals.get(key, 0.0) + event.cpu_time_total
+                per_run.append(totals)
+    forward = statistics.median(t["forward"] for t in per_run)
+    share = {part: statistics.median(t.get(part, 0.0) for t in per_run) / forward for part in PARTS if part != "other"}
     share["other"] = max(0.0, 1.0 - sum(share.values()))
-    return {"share": share, "forward_ms": forward / runs / 1000.0}
+    return {"share": share, "forward_ms": forward / 1000.0, "runs": runs}
 
 
 def profile_variants(model_name: str, layers: int, shapes, variants=PROFILED_VARIANTS) -> dict:
@@ -129,19 +137,47 @@ def profile_variants(model_name: str, layers: int, shapes, variants=PROFILED_VAR
     return out
 
 
+def render_profile(model_name: str, profile: dict) -> list[str]:
+    """Markdown table: each part's share of the forward and its milliseconds, one row per variant and shape."""
+    parts = list(next(iter(profile.values()))["share"])
+    lines = [f"profile ({model_name}, share of the forward's CPU time (its ms), torch.profiler)", "",
+             "| variant @ shape | " + " | ".join(parts) + " | forward ms |", "|---|" + "---:|" * (len(parts) + 1)]
+    for key, prof in profile.items():
+        cells = [f"{100 * prof['share'][p]:.0f}% ({prof['share'][p] * prof['forward_ms']:.1f})" for p in parts]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {prof['forward_ms']:.1f} |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["qwen3", "gemma3"])
     p.add_argument("--layers", type=int, default=None, help="default: the real depth")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/results/profile", help="writes <out>.json and <out>.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     register_kernels()
-    from bench_side_by_side import FULL_LAYERS
+    from bench_side_by_side import FULL_LAYERS, _cpu_name, cpu_flags
 
+    from st_bitnet.ops import cpu_kernel
+
+    start, load_before = time.perf_counter(), os.getloadavg()
     result = {m: profile_variants(m, args.layers or FULL_LAYERS[m], ((1, 32), (8, 128))) for m in args.models}
-    print(json.dumps(result, indent=1))
+    meta = {"cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "kernel_isa": cpu_kernel.isa(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "profile": result}, indent=1))
+    lines = [f"{meta['cpu']} ({meta['cores']} cores; ISA: {', '.join(meta['cpu_flags'])}; st_bitnet kernel: "
+             f"{meta['kernel_isa']}), torch {meta['torch']}, {meta['threads']} threads, load before/after "
+             f"{tuple(round(v, 1) for v in load_before)} / {tuple(round(v, 1) for v in meta['loadavg_after'])}, "
+             f"{meta['seconds']:.0f} s; per part the median of 5 forwards, each profiled alone after one warm-up"]
+    for model_name, profile in result.items():
+        lines += ["", *render_profile(model_name, profile)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return result
 
 

@@ -236,13 +236,9 @@ def render(meta: dict, results: dict) -> str:
                 else:
                     lines.append(f"| {variant} | {mem['resident_mib']:.0f} | {mem['peak_forward_mib']:.0f} |")
         if r.get("profile"):
-            lines += ["", f"profile ({model}, share of the forward's CPU time and its ms, torch.profiler)", ""]
-            parts = list(next(iter(r["profile"].values()))["share"])
-            lines += ["| variant @ shape | " + " | ".join(parts) + " | forward ms |", "|---|" + "---:|" * (len(parts) + 1)]
-            for key, prof in r["profile"].items():
-                lines.append(f"| {key} | " + " | ".join(f"{100 * prof['share'][p]:.0f}% ({prof['share'][p] * prof['forward_ms']:.1f})"
-                                                        for p in parts)
-                             + f" | {prof['forward_ms']:.1f} |")  # fmt: skip
+            from bench_profile import render_profile
+
+            lines += ["", *render_profile(model, r["profile"])]
     return "\n".join(lines)
 
 
