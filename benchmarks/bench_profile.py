@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import statistics
@@ -34,12 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_encode import _hf_model  # noqa: E402
 
-import st_bitnet  # noqa: E402
 from st_bitnet.bitlinear import BitLinear  # noqa: E402
 from st_bitnet.ops import register_kernels  # noqa: E402
 
 _LINEARS = (BitLinear, torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
 PROFILED_VARIANTS = ("st_bitnet", "st_bitnet-bf16", "torch-int8-dynamic")
+PROFILED_RUNS = 5
 
 PARTS = ("linears", "attention", "norms", "rotary", "activations", "embedding", "other")
 _OPS = {"aten::scaled_dot_product_attention": "attention", "aten::embedding": "embedding"}
@@ -97,7 +96,7 @@ def labelled(model: torch.nn.Module):
             module.apply_rotary_pos_emb = fn
 
 
-def breakdown(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, runs: int = 5) -> dict:
+def breakdown(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, runs: int = PROFILED_RUNS) -> dict:
     """Shares of the forward's time per part: each part's median over ``runs`` forwards, each profiled on its own
     after one warm-up (a median, so one forward stalled by another process does not decide the row)."""
     per_run = []
@@ -137,12 +136,12 @@ def profile_variants(model_name: str, layers: int, shapes, variants=PROFILED_VAR
     return out
 
 
-def render_profile(model_name: str, profile: dict) -> list[str]:
+def render_profile(model_name: str, parts_by_row: dict) -> list[str]:
     """Markdown table: each part's share of the forward and its milliseconds, one row per variant and shape."""
-    parts = list(next(iter(profile.values()))["share"])
+    parts = list(next(iter(parts_by_row.values()))["share"])
     lines = [f"profile ({model_name}, share of the forward's CPU time (its ms), torch.profiler)", "",
              "| variant @ shape | " + " | ".join(parts) + " | forward ms |", "|---|" + "---:|" * (len(parts) + 1)]
-    for key, prof in profile.items():
+    for key, prof in parts_by_row.items():
         cells = [f"{100 * prof['share'][p]:.0f}% ({prof['share'][p] * prof['forward_ms']:.1f})" for p in parts]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {prof['forward_ms']:.1f} |")
     return lines
@@ -158,24 +157,20 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     register_kernels()
-    from bench_side_by_side import FULL_LAYERS, _cpu_name, cpu_flags
-
-    from st_bitnet.ops import cpu_kernel
+    from bench_side_by_side import FULL_LAYERS, machine_line, machine_meta
 
     start, load_before = time.perf_counter(), os.getloadavg()
     result = {m: profile_variants(m, args.layers or FULL_LAYERS[m], ((1, 32), (8, 128))) for m in args.models}
-    meta = {"cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "kernel_isa": cpu_kernel.isa(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    meta = {**machine_meta(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "profile": result}, indent=1))
-    lines = [f"{meta['cpu']} ({meta['cores']} cores; ISA: {', '.join(meta['cpu_flags'])}; st_bitnet kernel: "
-             f"{meta['kernel_isa']}), torch {meta['torch']}, {meta['threads']} threads, load before/after "
-             f"{tuple(round(v, 1) for v in load_before)} / {tuple(round(v, 1) for v in meta['loadavg_after'])}, "
-             f"{meta['seconds']:.0f} s; per part the median of 5 forwards, each profiled alone after one warm-up"]
-    for model_name, profile in result.items():
-        lines += ["", *render_profile(model_name, profile)]
+    lines = [f"{machine_line(meta)}, load before/after {tuple(round(v, 1) for v in load_before)} / "
+             f"{tuple(round(v, 1) for v in meta['loadavg_after'])}, {meta['seconds']:.0f} s; per part the median "
+             f"of {PROFILED_RUNS} forwards, each profiled alone after one warm-up"]
+    for model_name, parts_by_row in result.items():
+        lines += ["", *render_profile(model_name, parts_by_row)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

@@ -89,6 +89,18 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def machine_meta() -> dict:
+    """CPU model, cores, ISA extensions, the st_bitnet kernel chosen, torch version and threads."""
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "kernel_isa": cpu_kernel.isa(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def machine_line(meta: dict) -> str:
+    """``machine_meta`` as the opening words of a results table's header."""
+    return (f"{meta['cpu']} ({meta['cores']} cores; ISA: {', '.join(meta['cpu_flags']) or 'unknown'}; st_bitnet "
+            f"kernel: {meta['kernel_isa']}), torch {meta['torch']}, {meta['threads']} threads")
+
+
 def backend_skips() -> dict[str, str]:
     """``{variant: reason}`` for the sentence-transformers backends whose packages do not import here."""
     skips = {}
@@ -209,8 +221,7 @@ def best_ratios(columns: dict) -> dict:
 
 def render(meta: dict, results: dict) -> str:
     lines = [
-        f"{meta['cpu']} ({meta['cores']} cores; ISA: {', '.join(meta['cpu_flags']) or 'unknown'}; st_bitnet kernel: "
-        f"{meta['kernel_isa']}), torch {meta['torch']}, {meta['threads']} threads, backbone forward tokens/s, "
+        f"{machine_line(meta)}, backbone forward tokens/s, "
         f"medians of {meta['repeats']} round-robin passes ({meta['big_repeats']} for the largest shape), load average "
         f"(1/5/15 min) before/after {tuple(round(v, 1) for v in meta['loadavg_before'])} / "
         f"{tuple(round(v, 1) for v in meta['loadavg_after'])}, {meta['seconds']:.0f} s in all",
@@ -270,8 +281,7 @@ def main(argv=None):
     skipped = backend_skips()
     variants = [v for v in VARIANTS if v not in skipped]
     meta = {
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(), "kernel_isa": cpu_kernel.isa(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        **machine_meta(), "repeats": args.repeats,
         "big_repeats": args.big_repeats, "shapes": [f"{b}x{s}" for b, s in shapes], "variants": variants,
         "skipped": skipped, "memory_shape": f"{memory_shape[0]}x{memory_shape[1]}", "quick": args.quick,
         "loadavg_before": os.getloadavg(),
