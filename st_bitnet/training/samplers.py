@@ -59,14 +59,23 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
             self.lengths = torch.tensor([sum(len(str(t)) for t in row) for row in self.texts], dtype=torch.float64)
         self.window_batches = window_batches
         self.dropped_rows = 0  # rows the last epoch left out (see _without_single_rows)
-        self._length_of_epoch: tuple[int, int] | None = None
+        self._cached_epoch: tuple[int, list[list[int]], torch.Tensor] | None = None  # (epoch, batches, rng state)
 
     def __len__(self) -> int:
         # Clash splits and merged one-row tails move the count off ceil(rows / batch): count this epoch's batches.
+        return len(self._batches_of_epoch()[0])
+
+    def _batches_of_epoch(self) -> tuple[list[list[int]], torch.Generator]:
+        """This epoch's batches, built once per epoch for ``__len__`` and ``__iter__``, and the generator the final
+        shuffle draws from (where building them left it)."""
         epoch = int(getattr(self, "epoch", 0))
-        if self._length_of_epoch is None or self._length_of_epoch[0] != epoch:
-            self._length_of_epoch = (epoch, len(self._epoch_batches(self._generator())))
-        return self._length_of_epoch[1]
+        if self._cached_epoch is None or self._cached_epoch[0] != epoch:
+            generator = self._generator()
+            batches = self._epoch_batches(generator)
+            self._cached_epoch = (epoch, batches, generator.get_state())
+        generator = torch.Generator()
+        generator.set_state(self._cached_epoch[2])
+        return self._cached_epoch[1], generator
 
     def _generator(self) -> torch.Generator:
         generator = torch.Generator()
@@ -141,7 +150,6 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = self._generator()
-        batches = self._epoch_batches(generator)
+        batches, generator = self._batches_of_epoch()
         for position in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[position]
