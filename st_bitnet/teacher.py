@@ -12,7 +12,7 @@ another device, and it is never trained).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -132,28 +132,37 @@ class FrozenTeacher:
         return self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, **kwargs).float()
 
 
+def with_prompt(texts: list[str], prompt: str) -> list[str]:
+    return [prompt + text for text in texts] if prompt else list(texts)
+
+
 def precompute_teacher_scores(
     dataset,
     teacher: FrozenTeacher,
     columns: Iterable[str] | None = None,
     batch_size: int = 64,
     label_column: str = "label",
+    prompts: Mapping[str, str] | None = None,
 ):
     """Add the teacher's per-row similarity scores to a ``datasets.Dataset`` (query column first).
 
     Each row gets ``label = [sim(query, candidate_1), ..., sim(query, candidate_n)]`` from the teacher, the
     format :class:`~st_bitnet.losses.SimilarityDistributionDistillationLoss` reads when it has no live
     teacher. Precomputed scores only cover each row's own candidates (the batch composition is unknown in
-    advance); a live teacher also scores the in-batch negatives.
+    advance); a live teacher also scores the in-batch negatives. ``prompts`` ({column: prompt}) are prepended as
+    the trainer prepends them to the student's input, so the teacher scores the texts the student sees.
     """
     columns = list(columns) if columns is not None else [c for c in dataset.column_names if c != label_column]
     if len(columns) < 2:
         raise ValueError(f"need a query column and at least one candidate column, got {columns}")
     similarity = teacher.model.similarity_pairwise
 
+    def texts(batch, column):
+        return with_prompt(batch[column], (prompts or {}).get(column, ""))
+
     def add_scores(batch):
-        query = teacher.encode(batch[columns[0]], batch_size=batch_size)
-        scores = [similarity(query, teacher.encode(batch[c], batch_size=batch_size)) for c in columns[1:]]
+        query = teacher.encode(texts(batch, columns[0]), batch_size=batch_size)
+        scores = [similarity(query, teacher.encode(texts(batch, c), batch_size=batch_size)) for c in columns[1:]]
         return {label_column: torch.stack(scores, dim=1).cpu().tolist()}
 
     if label_column in dataset.column_names:
@@ -169,6 +178,7 @@ def precompute_teacher_embeddings(
     batch_size: int = 64,
     label_column: str = "label",
     cpu_bf16_autocast: bool = False,
+    prompts: Mapping[str, str] | None = None,
 ):
     """Add the teacher's sentence embeddings of every text column to a ``datasets.Dataset`` as ``label``.
 
@@ -188,6 +198,8 @@ def precompute_teacher_embeddings(
         label_column: the column written (an existing one is replaced).
         cpu_bf16_autocast: run a CPU teacher under bf16 autocast (2-3x faster where the CPU multiplies bf16
             natively; the same targets as a live teacher in a bf16-autocast run).
+        prompts: {column: prompt} prepended to that column's texts, as the trainer's ``prompts`` are prepended to
+            the student's input (a live teacher reads the student's prompted tokens).
 
     Example::
 
@@ -204,7 +216,8 @@ def precompute_teacher_embeddings(
 
     def add_embeddings(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_autocast):
-            per_column = [teacher.encode(batch[c], batch_size=batch_size) for c in columns]
+            per_column = [teacher.encode(with_prompt(batch[c], (prompts or {}).get(c, "")), batch_size=batch_size)
+                          for c in columns]  # fmt: skip
         return {label_column: torch.stack(per_column, dim=1).float().cpu().numpy()}
 
     try:

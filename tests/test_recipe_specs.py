@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,9 @@ def test_the_mined_data_stamp_is_unchanged():
     assert mined_data_stamp(parse_recipe(raw).hard_negatives, 7) == (
         '{"batch_size": 64, "num_negatives": 1, "range_max": 50, "range_min": 10, "relative_margin": 0, "rows": 7}'
     )  # the defaults, and an integer margin stays an integer
+    # prompts and bf16 mining change the mined negatives: each enters the stamp only when set
+    stamped = json.loads(mined_data_stamp(recipe.hard_negatives, 5, {"anchor": "query: "}, bf16=True))
+    assert stamped["prompts"] == {"anchor": "query: "} and stamped["bf16"] is True
 
 
 def test_training_options_and_overrides_reach_the_trainer_arguments(tmp_path):

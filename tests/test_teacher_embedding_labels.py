@@ -61,6 +61,32 @@ def test_precomputed_embeddings_are_the_teachers_per_column(models):
     assert teacher.model.max_seq_length == saved  # restored
 
 
+def test_precomputed_embeddings_and_scores_take_the_columns_prompts(models):
+    # the trainer prepends a column's prompt to the student's input and a live teacher reads those tokens: the
+    # precomputed labels must embed the same prompted texts, and only in the prompted column
+    from datasets import Dataset
+
+    from st_bitnet.teacher import precompute_teacher_scores
+
+    student, teacher = models
+    prompt = "query: "
+    dataset = Dataset.from_dict(COLUMNS)
+    plain = torch.tensor(precompute_teacher_embeddings(dataset, teacher)["label"])
+    prompted = torch.tensor(precompute_teacher_embeddings(dataset, teacher, prompts={"anchor": prompt})["label"])
+    assert torch.allclose(prompted[:, 0], teacher.encode([prompt + t for t in COLUMNS["anchor"]]).cpu(), atol=1e-6)
+    assert not torch.allclose(prompted[:, 0], plain[:, 0], atol=1e-3)
+    assert torch.equal(prompted[:, 1:], plain[:, 1:])
+    features = [dict(student.tokenize([prompt + t for t in COLUMNS["anchor"]]))] + _features(student)[1:]
+    with torch.no_grad():
+        live = SimilarityDistributionDistillationLoss(student, teacher)(features, None)
+        cached = SimilarityDistributionDistillationLoss(student, None)(features, prompted)
+    assert cached.item() == pytest.approx(live.item(), rel=1e-4, abs=1e-6)
+    scores = torch.tensor(precompute_teacher_scores(dataset, teacher, prompts={"anchor": prompt})["label"])
+    query = teacher.encode([prompt + t for t in COLUMNS["anchor"]])
+    expected = teacher.model.similarity_pairwise(query, teacher.encode(COLUMNS["positive"])).cpu()
+    assert torch.allclose(scores[:, 0], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss_class", [SimilarityDistributionDistillationLoss, EmbeddingMSEDistillationLoss,
                                         PairSimilarityDistillationLoss])
 def test_losses_from_precomputed_embeddings_equal_the_live_teacher(models, loss_class):
@@ -164,8 +190,7 @@ def test_recipe_option_is_validated(tmp_path, pairs_file):
     mixed = {**PLAIN_KD, "scores": {"type": "SimilarityDistributionDistillationLoss", "precompute_teacher_scores": True}}
     with pytest.raises(RecipeError, match="one label column"):
         parse_recipe(_recipe("m", pairs_file, tmp_path, mixed))
-    with pytest.raises(RecipeError, match="prompts"):
-        parse_recipe(_recipe("m", pairs_file, tmp_path, PLAIN_KD, prompts={"anchor": "query: "}))
+    assert parse_recipe(_recipe("m", pairs_file, tmp_path, PLAIN_KD, prompts={"anchor": "query: "})).prompts
 
 
 def test_plain_kd_recipe_trains_without_a_teacher_forward_per_step(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
@@ -213,3 +238,44 @@ def test_labels_of_mined_datasets_are_reused_by_the_next_run(tmp_path, tiny_mode
     monkeypatch.setattr(FrozenTeacher, "encode", lambda self, *a, **k: encodes.append(1) or original_encode(self, *a, **k))
     again = run_recipe(parse_recipe(_recipe(tiny_model_dir, pairs_file, tmp_path / "run", PLAIN_KD, hard_negatives=mined)))
     assert again["global_step"] == 4 and not encodes
+
+
+def test_recipe_prompts_reach_the_precomputed_labels_and_their_cache_stamp(tmp_path, tiny_model_dir, pairs_file):
+    from datasets import load_from_disk
+
+    from st_bitnet.training import parse_recipe, run_recipe
+
+    prompt = "query: "
+    run = tmp_path / "run"
+    result = run_recipe(parse_recipe(_recipe(tiny_model_dir, pairs_file, run, PLAIN_KD, prompts={"anchor": prompt})))
+    assert result["global_step"] == 4
+    (folder,) = [p.parent for p in (run / "teacher_labels").glob("*/settings.json")]
+    assert '"prompts": {"anchor": "query: "}' in (folder / "settings.json").read_text()
+    data = load_from_disk(str(folder / "data"))
+    teacher = FrozenTeacher(tiny_model_dir)
+    teacher.model.max_seq_length = 24
+    labels = torch.tensor(data["label"][:4])
+    assert torch.allclose(labels[:, 0], teacher.encode([prompt + t for t in data["anchor"][:4]]).cpu(), atol=1e-5)
+    assert torch.allclose(labels[:, 1], teacher.encode(data["positive"][:4]).cpu(), atol=1e-5)
+
+
+def test_mining_embeds_anchors_and_positives_with_their_prompts(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    import json
+
+    import sentence_transformers.util as st_util
+
+    from st_bitnet.training import parse_recipe, run_recipe
+
+    rows = [json.loads(line) for line in Path(pairs_file).read_text().splitlines()]
+    pairs_only = tmp_path / "pairs_only.jsonl"
+    pairs_only.write_text("\n".join(json.dumps({"anchor": r["anchor"], "positive": r["positive"]}) for r in rows) + "\n")
+    seen = {}
+    original = st_util.mine_hard_negatives
+    monkeypatch.setattr(st_util, "mine_hard_negatives", lambda *a, **k: seen.update(k) or original(*a, **k))
+    mined = {"num_negatives": 1, "range_min": 1, "range_max": 20, "relative_margin": 0.0}
+    prompts = {"anchor": "query: ", "positive": "passage: "}
+    run_recipe(parse_recipe(_recipe(tiny_model_dir, str(pairs_only), tmp_path / "run", PLAIN_KD, hard_negatives=mined,
+                                    prompts=prompts)))  # fmt: skip
+    assert seen["query_prompt"] == "query: " and seen["corpus_prompt"] == "passage: "
+    (stamp,) = (tmp_path / "run" / "hard_negatives").glob("*/settings.json")
+    assert json.loads(stamp.read_text())["prompts"] == prompts

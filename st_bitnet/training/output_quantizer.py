@@ -11,21 +11,10 @@ import math
 from typing import Any
 
 from .errors import RecipeError
+from .prompts import prompt_for
 from .recipe_specs import MultiPrecisionSpec
 
 logger = logging.getLogger(__name__)
-
-
-def _prompt_for(prompts: Any, dataset_name: str | None, column: str) -> str:
-    """The prompt the trainer prepends to ``column`` (ST's ``prompts``: str, {column: str} or {dataset: {column: str}})."""
-    if isinstance(prompts, str):
-        return prompts
-    if not isinstance(prompts, dict):
-        return ""
-    if dataset_name is not None and isinstance(prompts.get(dataset_name), (dict, str)):
-        return _prompt_for(prompts[dataset_name], None, column)
-    value = prompts.get(column)
-    return value if isinstance(value, str) else ""
 
 
 def calibration_texts(train_dataset, n: int, prompts: Any = None) -> list[str]:
@@ -47,7 +36,7 @@ def calibration_texts(train_dataset, n: int, prompts: Any = None) -> list[str]:
     quota = math.ceil(n / len(sources))
     texts, seen = [], set()
     for name, dataset, column in sources:
-        prompt = _prompt_for(prompts, name, column)
+        prompt = prompt_for(prompts, name, column)
         for text in dataset.select(range(min(quota, len(dataset))))[column]:
             if isinstance(text, str) and text.strip() and text not in seen:
                 seen.add(text)

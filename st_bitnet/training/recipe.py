@@ -193,7 +193,7 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
         specs.append(spec)
 
     loss = parse_loss_section(raw["loss"], model.multi_precision, teacher, where)
-    check_precomputed_labels(loss, raw.get("prompts"), where)
+    check_precomputed_labels(loss, where)
     evaluation = raw.get("evaluation") or []
     evaluation = [evaluation] if isinstance(evaluation, str) else list(evaluation)
     for name in evaluation:

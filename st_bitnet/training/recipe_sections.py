@@ -396,7 +396,7 @@ def parse_loss_section(
     return components
 
 
-def check_precomputed_labels(loss: Mapping[str, LossComponentSpec], prompts, where: str = "") -> None:
+def check_precomputed_labels(loss: Mapping[str, LossComponentSpec], where: str = "") -> None:
     """A batch has one label column: the components that precompute the teacher into it must agree on what."""
     scores = [n for n, c in loss.items() if c.precompute_teacher_scores]
     embeddings = [n for n, c in loss.items() if c.precompute_teacher_embeddings]
@@ -405,9 +405,6 @@ def check_precomputed_labels(loss: Mapping[str, LossComponentSpec], prompts, whe
             f"loss{where}: {scores} precompute teacher scores and {embeddings} teacher embeddings, but a batch has one "
             "label column: precompute the embeddings for all of them (similarity KD reads them too)"
         )
-    if embeddings and prompts:
-        raise RecipeError(f"loss{where}: precompute_teacher_embeddings does not apply the recipe's prompts yet; use a "
-                          "live teacher with prompts")
 
 
 def check_training_options(training: dict, where: str = "") -> None:

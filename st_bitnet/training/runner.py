@@ -60,7 +60,7 @@ def build_trainer(recipe: Recipe, extra_callbacks: list | None = None, warm_star
     args = training_arguments(recipe)
     cpu_bf16 = bool(args.bf16) and student.device.type == "cpu"
     if recipe.hard_negatives:
-        train_dataset = mine_negatives(recipe, train_dataset, teacher)
+        train_dataset = mine_negatives(recipe, train_dataset, teacher, cpu_bf16_autocast=cpu_bf16)
     train_dataset = precompute_scores(recipe, train_dataset, teacher, student, cpu_bf16_autocast=cpu_bf16)
     loss = build_loss(recipe, student, teacher)
     if cpu_bf16:
