@@ -68,6 +68,16 @@ def test_driver_flags_become_recipe_freeze_overrides(tmp_path):
     student, _ = driver.load_stage_recipe("student", args(train_embeddings=True), None)
     assert student.model["freeze"] == {"embeddings": False, "trainable_layers": None}
     assert student.model["path"] == student.teacher["path"] == str(tmp_path / "teacher" / "final")
+    # per-stage recipes and overrides: the warm-started student under a mean-pooled teacher
+    chosen = args(student_recipe="student_warm_start.yaml", teacher_set=["model.pooling=mean"],
+                  student_set=["training.time_budget_minutes=5"])  # fmt: skip
+    teacher, _ = driver.load_stage_recipe("teacher", chosen, None)
+    student, _ = driver.load_stage_recipe("student", chosen, None)
+    assert teacher.model["pooling"] == "mean" and student.training["time_budget_minutes"] == 5
+    assert student.warm_start.loss == "relative_plus_channel_normalized" and student.warm_start.steps_per_block == 40
+    assert student.loss["similarity_kd"].precompute_teacher_embeddings and student.prompts == teacher.prompts
+    assert driver.repo_relative(driver.stage_recipe_path("student", chosen)) == (
+        "experiments/gemma3_end_to_end/student_warm_start.yaml")
 
 
 @needs_data

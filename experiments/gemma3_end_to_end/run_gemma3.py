@@ -68,13 +68,25 @@ def load_stage_recipe(name: str, args, steps: int | None):
                       f"model.freeze.trainable_layers={'null' if layers is None else layers}"]  # fmt: skip
     else:
         overrides += [f"model.path={output / 'teacher' / 'final'}", f"teacher.path={output / 'teacher' / 'final'}"]
-    overrides += [f"model.freeze.embeddings={str(not args.train_embeddings).lower()}", *args.set]
+    overrides += [f"model.freeze.embeddings={str(not args.train_embeddings).lower()}", *args.set,
+                  *getattr(args, f"{name}_set", [])]  # fmt: skip
     if steps is not None:
         overrides.append(f"training.max_steps={steps}")
     if args.tiny:
         overrides += ["training.logging_steps=1"]
-    recipe = load_recipe(HERE / f"{name}.yaml", overrides)
+    recipe = load_recipe(stage_recipe_path(name, args), overrides)
     return recipe, overrides
+
+
+def repo_relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(HERE.parents[1])) if path.is_relative_to(HERE.parents[1]) else str(path)
+
+
+def stage_recipe_path(name: str, args) -> Path:
+    """The stage's YAML: ``--<stage>-recipe`` (a file next to this driver, or a path), else ``<stage>.yaml``."""
+    chosen = getattr(args, f"{name}_recipe", None) or f"{name}.yaml"
+    return HERE / chosen if (HERE / chosen).is_file() else Path(chosen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,7 +198,7 @@ def run_stage(stage: str, args) -> dict:
         recipe, overrides = load_stage_recipe("teacher", args, args.teacher_steps or args.steps)
         model, info = train(recipe)
         model.save(str(output / "teacher" / "final"))
-        record.update(info, recipe="experiments/gemma3_end_to_end/teacher.yaml", overrides=overrides)
+        record.update(info, recipe=repo_relative(stage_recipe_path("teacher", args)), overrides=overrides)
     elif stage == "naive":
         recipe, overrides = load_stage_recipe("student", args, None)
         model = load_st(output / "teacher" / "final")
@@ -201,7 +213,7 @@ def run_stage(stage: str, args) -> dict:
     elif stage == "student":
         recipe, overrides = load_stage_recipe("student", args, args.student_steps or args.steps)
         model, info = train(recipe)
-        record.update(info, recipe="experiments/gemma3_end_to_end/student.yaml", overrides=overrides)
+        record.update(info, recipe=repo_relative(stage_recipe_path("student", args)), overrides=overrides)
         record["bitlinear_modules"] = sum(isinstance(m, BitLinear) for m in model.modules())
         if args.save_student:
             model.save(str(output / "student" / "final"))
@@ -258,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--set", action="append", default=[], help="recipe override for every stage, a.b=value")
+    parser.add_argument("--teacher-set", action="append", default=[], help="recipe override for the teacher stage")
+    parser.add_argument("--student-set", action="append", default=[], help="recipe override for the naive and student stages")
+    parser.add_argument("--teacher-recipe", default=None, help="the teacher stage's YAML (default teacher.yaml)")
+    parser.add_argument("--student-recipe", default=None, help="the student stage's YAML (default student.yaml)")
     parser.add_argument("--output", default="runs/gemma3")
     parser.add_argument("--tiny", action="store_true", help="tiny random Gemma3 config (dry run / tests)")
     parser.add_argument("--save-student", action="store_true", help="save the trained latent student to <output>/student/final")
