@@ -32,14 +32,14 @@ def train_minutes(run_dir: Path) -> float | None:
 
 def evaluate(run_dir: Path, bits: list[int], teacher: str | None, max_seq_length: int) -> dict:
     import torch
-    from sentence_transformers import SentenceTransformer
 
+    import st_bitnet
     from st_bitnet.evaluation import run_evaluation
     from st_bitnet.machine import cpu_description
 
     model_dir = run_dir / "packed" if (run_dir / "packed").is_dir() else run_dir / "final"
     start = time.time()
-    model = SentenceTransformer(str(model_dir), device="cpu")
+    model = st_bitnet.load(str(model_dir), device="cpu")  # st_bitnet's output modules too, no trust_remote_code
     model.max_seq_length = max_seq_length  # the teacher's length: trained at 128, scored like the teacher at 256
     result = run_evaluation(model, HERE / "results" / run_dir.name, teacher=teacher, bits=bits, plots=False,
                             model_name=run_dir.name, show_progress_bar=False)
