@@ -156,9 +156,10 @@ def precompute_teacher_scores(
     if len(columns) < 2:
         raise ValueError(f"need a query column and at least one candidate column, got {columns}")
     similarity = teacher.model.similarity_pairwise
+    prompts = prompts or {}
 
     def texts(batch, column):
-        return with_prompt(batch[column], (prompts or {}).get(column, ""))
+        return with_prompt(batch[column], prompts.get(column, ""))
 
     def add_scores(batch):
         query = teacher.encode(texts(batch, columns[0]), batch_size=batch_size)
@@ -210,13 +211,14 @@ def precompute_teacher_embeddings(
     columns = list(columns) if columns is not None else [c for c in dataset.column_names if c != label_column]
     if not columns:
         raise ValueError("no text column to embed")
+    prompts = prompts or {}
     saved = teacher.model.max_seq_length
     if max_seq_length is not None:
         teacher.model.max_seq_length = int(max_seq_length)
 
     def add_embeddings(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_autocast):
-            per_column = [teacher.encode(with_prompt(batch[c], (prompts or {}).get(c, "")), batch_size=batch_size)
+            per_column = [teacher.encode(with_prompt(batch[c], prompts.get(c, "")), batch_size=batch_size)
                           for c in columns]  # fmt: skip
         return {label_column: torch.stack(per_column, dim=1).float().cpu().numpy()}
 
