@@ -256,6 +256,15 @@ def test_bf16_setting_resolves_and_reaches_the_loss(tmp_path, tiny_model_dir, pa
     assert resolve_bf16("auto", True)[0] is False  # no gain measured: float32
     monkeypatch.setattr(mixed_precision, "cpu_bf16_speedup", lambda: 2.5)
     assert resolve_bf16("auto", True)[0] is True
+    # on a machine without a GPU, bf16 auto needs no use_cpu in the recipe (transformers asks for it with bf16)
+    from st_bitnet.training import arguments
+
+    monkeypatch.setattr(arguments, "_cuda_available", lambda: False)
+    no_use_cpu = _raw(tiny_model_dir, pairs_file, tmp_path)
+    no_use_cpu["training"].pop("use_cpu", None)
+    no_use_cpu["training"]["bf16"] = "auto"
+    resolved = arguments.training_arguments(parse_recipe(no_use_cpu))
+    assert resolved.bf16 is True and resolved.use_cpu is True
 
     from st_bitnet.bitlinear import BitLinear
 

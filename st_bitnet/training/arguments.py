@@ -38,6 +38,8 @@ def training_arguments(recipe: Recipe):
         use_cpu = bool(kwargs.get("use_cpu")) or not _cuda_available()
         kwargs["bf16"], reason = resolve_bf16("auto", use_cpu)
         logger.info("training.bf16 %s", reason)
+        if kwargs["bf16"] and use_cpu:
+            kwargs["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told the run is on the CPU
     if kwargs.get("batch_sampler") == LENGTH_GROUPED:
         from .samplers import LengthGroupedBatchSampler
 
