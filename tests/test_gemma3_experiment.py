@@ -130,3 +130,28 @@ def test_tiny_gemma3_end_to_end(tmp_path):
         assert result["model"]["average"]
     table = (tmp_path / "table.md").read_text()
     assert "student/teacher average" in table and "| naive | 16 |" in table
+
+
+@needs_data
+def test_tiny_gemma3_warm_started_student_under_a_mean_pooled_teacher(tmp_path):
+    driver = _driver()
+    threads = torch.get_num_threads()
+    try:
+        driver.main([
+            "--tiny", "--stage", "teacher", "student", "--steps", "2", "--threads", "1", "--output", str(tmp_path),
+            "--skip-eval", "--trainable-layers", "1", "--student-recipe", "student_warm_start.yaml",
+            "--teacher-set", "model.pooling=mean", "--student-set", "warm_start.texts=32",
+            "--student-set", "warm_start.batch_size=4", "--student-set", "warm_start.steps_per_block=2",
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    config = json.loads((tmp_path / "teacher" / "final" / "1_Pooling" / "config.json").read_text())
+    assert config["pooling_mode"] == "mean"
+    warm = json.loads((tmp_path / "student" / "warm_start.json").read_text())
+    assert len(warm) == 2 and all(b["loss"] == "relative_plus_channel_normalized" for b in warm)
+    assert all(b["loss_after"] < b["loss_before"] for b in warm)
+    # the retrieval anchors' teacher labels were embedded with the query prompt the student sees
+    stamp = json.loads((tmp_path / "student" / "teacher_labels" / "trecqa" / "settings.json").read_text())
+    assert stamp["prompts"] == {"anchor": driver.QUERY_PROMPT}
+    records = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert records[-1]["recipe"] == "experiments/gemma3_end_to_end/student_warm_start.yaml"
