@@ -27,6 +27,15 @@ def _driver():
     return module
 
 
+def _run_driver(driver, argv: list[str]) -> None:
+    """``driver.main(argv)``, restoring torch's thread count (the driver sets ``--threads``) for the other tests."""
+    threads = torch.get_num_threads()
+    try:
+        driver.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_stage_recipes_parse_and_share_data_and_prompts():
     from st_bitnet.training.recipe import load_recipe
 
@@ -87,15 +96,11 @@ def test_tiny_gemma3_end_to_end(tmp_path):
     from st_bitnet.training.callbacks import read_loss_log
 
     driver = _driver()
-    threads = torch.get_num_threads()
-    try:
-        driver.main([
-            "--tiny", "--stage", "all", "--steps", "4", "--threads", "1", "--output", str(tmp_path),
-            "--eval-tasks", "STSBenchmark", "--eval-max-samples", "16", "--eval-max-seq-length", "32",
-            "--trainable-layers", "1", "--save-student", "--set", "training.learning_rate=0.001",
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    _run_driver(driver, [
+        "--tiny", "--stage", "all", "--steps", "4", "--threads", "1", "--output", str(tmp_path),
+        "--eval-tasks", "STSBenchmark", "--eval-max-samples", "16", "--eval-max-seq-length", "32",
+        "--trainable-layers", "1", "--save-student", "--set", "training.learning_rate=0.001",
+    ])  # fmt: skip
     records = {r["stage"]: r for r in map(json.loads, (tmp_path / "stages.jsonl").read_text().splitlines())}
     assert set(records) == {"base", "teacher", "naive", "student"}
 
@@ -135,16 +140,12 @@ def test_tiny_gemma3_end_to_end(tmp_path):
 @needs_data
 def test_tiny_gemma3_warm_started_student_under_a_mean_pooled_teacher(tmp_path):
     driver = _driver()
-    threads = torch.get_num_threads()
-    try:
-        driver.main([
-            "--tiny", "--stage", "teacher", "student", "--steps", "2", "--threads", "1", "--output", str(tmp_path),
-            "--skip-eval", "--trainable-layers", "1", "--student-recipe", "student_warm_start.yaml",
-            "--teacher-set", "model.pooling=mean", "--student-set", "warm_start.texts=32",
-            "--student-set", "warm_start.batch_size=4", "--student-set", "warm_start.steps_per_block=2",
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    _run_driver(driver, [
+        "--tiny", "--stage", "teacher", "student", "--steps", "2", "--threads", "1", "--output", str(tmp_path),
+        "--skip-eval", "--trainable-layers", "1", "--student-recipe", "student_warm_start.yaml",
+        "--teacher-set", "model.pooling=mean", "--student-set", "warm_start.texts=32",
+        "--student-set", "warm_start.batch_size=4", "--student-set", "warm_start.steps_per_block=2",
+    ])  # fmt: skip
     config = json.loads((tmp_path / "teacher" / "final" / "1_Pooling" / "config.json").read_text())
     assert config["pooling_mode"] == "mean"
     warm = json.loads((tmp_path / "student" / "warm_start.json").read_text())
